@@ -1,0 +1,1 @@
+"""Calibration: data, model runs and attention profiles."""

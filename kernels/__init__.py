@@ -1,0 +1,1 @@
+"""Plain-PyTorch reference kernels and Triton kernels. Imports nothing else of compressor."""

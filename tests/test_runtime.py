@@ -1,0 +1,153 @@
+"""The runtime on tiny random models of every supported family: dense plans reproduce the model, window plans
+match an explicit mask, padding, chunked prefill and generation work."""
+
+import pytest
+import torch
+
+from compressor import runtime
+from compressor.errors import CompressorError
+from compressor.kernels.reference import visible_mask, window_sizes
+from compressor.plan import Plan, WindowPattern
+from tests.conftest import FAMILIES, tiny_model
+
+SLIDING = {"mistral", "gemma2", "gemma3"}
+
+
+def _ids(batch: int, tokens: int, vocab: int = 128, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+def _window_plan(model, pattern: WindowPattern) -> Plan:
+    plan = Plan.dense(model)
+    for layer in plan.layers:
+        layer.attention.heads = [pattern] * len(layer.attention.heads)
+    return plan
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_plan_reproduces_the_model(family):
+    model = tiny_model(family)
+    ids = _ids(2, 29)
+    with torch.no_grad():
+        want = model(ids).logits
+        runtime.apply(model, Plan.dense(model))
+        got = model(ids).logits
+    if family in SLIDING:  # the model's own sliding window runs through our reference kernel there
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    else:  # dense layers go through the same SDPA call as the model's own: bit-identical
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_window_covering_the_whole_length_matches_dense(family):
+    model = tiny_model(family)
+    ids = _ids(2, 31)
+    with torch.no_grad():
+        want = model(ids).logits
+        runtime.apply(model, _window_plan(model, WindowPattern(alpha=4096.0, beta=0.0, sink=0)))
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_window_plan_equals_the_model_with_the_same_explicit_mask(family):
+    model = tiny_model(family)
+    tokens = 40
+    ids = _ids(1, tokens)
+    pattern = WindowPattern(alpha=3.0, beta=0.125, sink=2)  # window(40) = 8
+    idx = torch.arange(tokens)
+    window = window_sizes(torch.tensor([pattern.alpha]), torch.tensor([pattern.beta]), torch.tensor([tokens]))
+    mask = visible_mask(idx, idx, sink=torch.tensor([pattern.sink]), window=window,
+                        kv_start=torch.tensor([0]), kv_end=torch.tensor([tokens]), causal=True)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits  # a 4D boolean mask goes to SDPA as is
+        runtime.apply(model, _window_plan(model, pattern))
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    assert (got - model.__class__.forward(model, ids).logits).abs().max() == 0  # deterministic
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+def test_padded_batch_rows_equal_unpadded_rows(family, side):
+    model = tiny_model(family)
+    runtime.apply(model, _window_plan(model, WindowPattern(alpha=2.0, beta=0.25, sink=3)))
+    lengths = [30, 19, 24]
+    rows = [_ids(1, n, seed=n)[0] for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, sl], mask[i, sl] = r, 1
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask).logits
+        for i, r in enumerate(rows):
+            alone = model(r[None]).logits[0]
+            sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+            if side == "left":  # positions come from the mask in generate; here position ids must follow it too
+                pos = (mask[i].cumsum(-1) - 1).clamp(min=0)[None]
+                batched_i = model(ids[i : i + 1], attention_mask=mask[i : i + 1], position_ids=pos).logits[0, sl]
+                torch.testing.assert_close(batched_i, alone, atol=3e-5, rtol=1e-5)
+            else:
+                torch.testing.assert_close(batched[i, sl], alone, atol=3e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_chunked_prefill_matches_one_pass(family):
+    from transformers import DynamicCache
+
+    model = tiny_model(family)
+    runtime.apply(model, _window_plan(model, WindowPattern(alpha=5.0, beta=0.0, sink=2)))
+    ids = _ids(1, 37)
+    with torch.no_grad():
+        want = model(ids).logits[:, -7:]
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :30], past_key_values=cache, use_cache=True)
+        got = model(ids[:, 30:], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_generate_with_a_dense_plan_equals_the_model():
+    model = tiny_model("llama")
+    ids = _ids(2, 12)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    runtime.apply(model, Plan.dense(model))
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(got, want)
+
+
+def test_generate_with_a_window_plan_runs_and_differs_from_dense():
+    model = tiny_model("llama")
+    ids = _ids(1, 60)
+    dense = model.generate(ids, max_new_tokens=10, do_sample=False)
+    runtime.apply(model, _window_plan(model, WindowPattern(alpha=2.0, beta=0.0, sink=1)))
+    with torch.no_grad():
+        sparse_logits = model(ids).logits
+    runtime.remove(model)
+    with torch.no_grad():
+        dense_logits = model(ids).logits
+    assert not torch.allclose(sparse_logits[:, -1], dense_logits[:, -1], atol=1e-3)
+    runtime.apply(model, _window_plan(model, WindowPattern(alpha=2.0, beta=0.0, sink=1)))
+    out = model.generate(ids, max_new_tokens=10, do_sample=False)
+    assert out.shape == dense.shape
+
+
+def test_remove_restores_the_original_attention():
+    model = tiny_model("gemma2")
+    assert model.config._attn_implementation == "eager"
+    runtime.apply(model, Plan.dense(model))
+    runtime.remove(model)
+    assert model.config._attn_implementation == "eager"
+    assert not any(hasattr(m, "compressor_layer") for m in model.modules())
+
+
+def test_mask_with_holes_is_refused():
+    model = tiny_model("llama")
+    runtime.apply(model, Plan.dense(model))
+    mask = torch.ones(1, 10, dtype=torch.long)
+    mask[0, 4] = 0
+    with pytest.raises(CompressorError, match="padding inside a sequence"):
+        model(_ids(1, 10), attention_mask=mask)
