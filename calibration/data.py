@@ -80,7 +80,7 @@ def _check_split(split: str) -> None:
 
 
 def corpus_text(split: str) -> str:
-    """The built-in English corpus (Python's `pydoc_data.topics`): the first ~80% is "calibration", the rest "heldout"."""
+    """The built-in English corpus (`pydoc_data.topics`): the first ~80% is "calibration", the rest "heldout"."""
     _check_split(split)
     text, cut = _corpus_and_cut()
     return text[:cut] if split == "calibration" else text[cut:]
@@ -114,7 +114,6 @@ def corpus_token_batches(
     tokenizer: PreTrainedTokenizerBase, length: int, samples: int, seed: int, split: str = "calibration"
 ) -> torch.Tensor:
     """Seeded random windows of the tokenized corpus split: `[samples, length]` int64."""
-    _check_split(split)
     return _random_windows(_corpus_ids(tokenizer, split), length, samples, seed, f"The {split} corpus")
 
 
@@ -150,10 +149,8 @@ def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 def _frame(tokenizer: PreTrainedTokenizerBase, prompt: _Prompt, chat: bool) -> tuple[list[int], str]:
     """Token ids before the context, and the text after it up to (not including) the answer."""
-    if not chat:
+    if not chat or not getattr(tokenizer, "chat_template", None):
         return _bos(tokenizer) + _encode(tokenizer, prompt.intro), f"\n\n{prompt.question}\n{prompt.answer_prefix}"
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataSourceError("chat=True needs a tokenizer with a chat_template; pass chat=False for plain text.")
     messages = [
         {"role": "user", "content": f"{prompt.intro}{_CONTEXT_MARK}\n\n{prompt.question}"},
         {"role": "assistant", "content": f"{prompt.answer_prefix}{_ANSWER_MARK}"},
@@ -315,8 +312,9 @@ def retrieval_samples(
 ) -> list[RetrievalSample]:
     """`samples` synthetic retrieval sequences of exactly `length` tokens for `task` ("passkey", "lines", "needle").
 
-    Needle depths spread evenly over 0..1 unless `depths` is given (cycled when shorter than `samples`);
-    `split` picks the corpus part used as haystack by "needle".
+    Needle depths spread evenly over 0..1 unless `depths` is given (cycled when shorter than `samples`).
+    `chat` wraps the prompt in the tokenizer's chat template when it has one; `split` picks the corpus part
+    that "needle" hides its needle in.
     """
     if task not in _TASKS:
         raise DataSourceError(f"Unknown retrieval task {task!r}; choose one of {RETRIEVAL_TASKS}.")

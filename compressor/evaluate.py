@@ -121,14 +121,12 @@ def retrieval_accuracy(
     length: int,
     samples: int,
     seed: int = 0,
-    chat: bool | None = None,
+    chat: bool = True,
 ) -> float:
     """Fraction of held-out `task` samples whose whole answer greedy decoding would reproduce (teacher-forced).
 
-    `chat` defaults to whether the tokenizer has a chat template.
+    With `chat`, prompts use the tokenizer's chat template when it has one.
     """
-    if chat is None:
-        chat = bool(getattr(tokenizer, "chat_template", None))
     items = retrieval_samples(tokenizer, task, length, samples, seed, chat=chat, split="heldout")
     correct = 0
     with _inference(model):
@@ -145,7 +143,7 @@ def evaluate(
     samples: int,
     seed: int,
 ) -> dict[str, dict[str, float]]:
-    """Run each of `tasks` ("perplexity", "passkey", "lines", "needle") at each length: `{task: {str(length): value}}`."""
+    """Each of `tasks` ("perplexity", "passkey", "lines", "needle") at each length: `{task: {str(length): value}}`."""
     unknown = [task for task in tasks if task not in EVAL_TASKS]
     if unknown:
         raise ValueError(f"Unknown evaluation task(s) {unknown}; choose from {EVAL_TASKS}.")

@@ -68,7 +68,7 @@ def test_unknown_split_names_the_choices():
 
 @pytest.mark.parametrize("chat", [True, False])
 @pytest.mark.parametrize("task", RETRIEVAL_TASKS)
-@pytest.mark.parametrize("length", [203, 640])
+@pytest.mark.parametrize("length", [203, 2049])
 def test_retrieval_samples_have_exact_length_and_answer_span(tokenizer, task, chat, length):
     samples = retrieval_samples(tokenizer, task, length, samples=3, seed=0, chat=chat)
 
@@ -86,6 +86,14 @@ def test_chat_samples_use_the_chat_template_and_end_at_the_answer(tokenizer):
 
     assert text.startswith("<|im_start|>system") and "<|im_start|>assistant\nThe pass key is " in text
     assert text.endswith(sample.answer)
+
+
+def test_chat_without_a_chat_template_formats_plainly(tokenizer, monkeypatch):
+    plain = retrieval_samples(tokenizer, "passkey", 256, samples=1, seed=0, chat=False)[0]
+    monkeypatch.setattr(tokenizer, "chat_template", None)
+    chat = retrieval_samples(tokenizer, "passkey", 256, samples=1, seed=0, chat=True)[0]
+
+    assert torch.equal(chat.input_ids, plain.input_ids)
 
 
 def test_retrieval_samples_repeat_for_a_seed_and_differ_across_seeds(tokenizer):
