@@ -278,6 +278,8 @@ class Plan:
                 f"(it reads version {PLAN_VERSION}); re-run `compress` with this version"
             )
         validate_schema(data)
+        import compressor.methods  # noqa: F401  registers every method's pattern types (e.g. "xattention")
+
         layers = []
         for i, layer in enumerate(data["layers"]):
             att = layer["attention"]

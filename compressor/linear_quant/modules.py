@@ -1,0 +1,125 @@
+"""``QuantLinear``: an ``nn.Linear`` replacement holding real low-bit weights (int8, fp8 or packed int4).
+
+Buffers carry compressed-tensors' names, so a state dict is a checkpoint: ``weight`` (int8 / fp8 ``[out, in]``) or
+``weight_packed`` (int32 ``[out, in / 8]``) and ``weight_shape``, plus ``weight_scale`` (float32 ``[out, 1]`` or
+``[out, in / group]``). Activations are quantized per token at run time. On CUDA the Triton / cuBLAS kernels of
+``compressor.kernels.quant_linear`` run; elsewhere the PyTorch reference (dequantize, then matmul in float32).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compressor.kernels import quant_reference as ref
+from compressor.linear_quant.formats import Precision, precision
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with quantized weights and dynamic per-token activation quantization.
+
+    ``hadamard_block`` > 0 rotates the input online (block-diagonal Hadamard; the weight is stored rotated);
+    ``input_scale`` (``[in]``, optional) multiplies the input first: a smoothing scale that could not be folded.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        precision_name: str,
+        bias: bool = False,
+        hadamard_block: int = 0,
+        explicit_scale: bool = False,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.precision: Precision = precision(precision_name)
+        if not self.precision.quantized:
+            raise ValueError("QuantLinear needs a quantized precision; keep bf16 layers as nn.Linear")
+        self.hadamard_block = int(hadamard_block)
+        self.out_dtype = dtype
+        p = self.precision
+        if p.weight == "int4":
+            if in_features % p.group_size:
+                raise ValueError(f"w4a8 needs in_features divisible by {p.group_size}, got {in_features}")
+            self.register_buffer("weight_packed", torch.zeros(out_features, in_features // 8, dtype=torch.int32, device=device))
+            self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device))
+            self.register_buffer("weight_scale", torch.ones(out_features, in_features // p.group_size, device=device))
+        else:
+            wdtype = torch.int8 if p.weight == "int8" else ref.fp8_dtype()
+            self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=wdtype, device=device))
+            self.register_buffer("weight_scale", torch.ones(out_features, 1, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.input_scale = (
+            nn.Parameter(torch.ones(in_features, dtype=torch.float32, device=device), requires_grad=False)
+            if explicit_scale else None
+        )
+
+    # -- construction -----------------------------------------------------------------------------------------
+    @staticmethod
+    def from_linear(
+        linear: nn.Linear, precision_name: str, hadamard_block: int = 0, input_scale: torch.Tensor | None = None
+    ) -> QuantLinear:
+        """Quantize ``linear`` (whose weight is already balanced and rotated) into a new QuantLinear."""
+        w = linear.weight.detach()
+        module = QuantLinear(
+            linear.in_features, linear.out_features, precision_name, linear.bias is not None, hadamard_block,
+            input_scale is not None, dtype=w.dtype, device=w.device,
+        )
+        module.set_weight(w)
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        if input_scale is not None:
+            module.input_scale.data.copy_(input_scale)
+        return module
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Quantize a float weight ``[out, in]`` into this module's buffers."""
+        p = self.precision
+        if p.weight == "int4":
+            q, scale = ref.quantize_weight_int4_groups(weight, p.group_size)
+            self.weight_packed.copy_(ref.pack_int4(q))
+            self.weight_scale.copy_(scale)
+        else:
+            q, scale = ref.quantize_weight_per_channel(weight, p.weight)
+            self.weight.copy_(q)
+            self.weight_scale.copy_(scale[:, None])
+
+    # -- use --------------------------------------------------------------------------------------------------
+    def quantized_weight(self) -> torch.Tensor:
+        """The stored low-bit weight: int8 / fp8 ``[out, in]`` or packed int4 ``[out, in / 8]``."""
+        return self.weight_packed if self.precision.weight == "int4" else self.weight
+
+    def scales(self) -> torch.Tensor:
+        """Weight scales: ``[out]`` (per channel) or ``[out, in / group]`` (int4 groups)."""
+        return self.weight_scale if self.precision.weight == "int4" else self.weight_scale[:, 0]
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight the quantized one stands for (rotated, balanced as stored)."""
+        return ref.dequantize_weight(self.quantized_weight(), self.scales(), self.precision.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.input_scale is not None:
+            x2 = x2 * self.input_scale.to(x2.dtype)
+        p = self.precision
+        if x2.is_cuda:
+            from compressor.kernels import quant_linear as fast
+
+            y = fast.quant_linear(
+                x2, self.quantized_weight(), self.scales(), self.bias, act_dtype=p.act, group_size=p.group_size,
+                hadamard_block=self.hadamard_block,
+            )
+        else:
+            y = ref.quant_linear_reference(
+                x2, self.quantized_weight(), self.scales(), self.bias, p.act, p.group_size, self.hadamard_block
+            )
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        extra = f", hadamard={self.hadamard_block}" if self.hadamard_block else ""
+        extra += ", explicit_scale" if self.input_scale is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, {self.precision.name}, bias={self.bias is not None}{extra}"

@@ -1,0 +1,211 @@
+"""Linear-layer quantization: formats, QuantLinear, balancing folds, the vidit-q method, mixed precision and
+compressed-tensors checkpoints, on a tiny random Llama (Llama-3-8B has hidden 4096, 32 layers; this one 256, 2)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from compressor.errors import CompressorError, PlanError
+from compressor.kernels import quant_reference as ref
+from compressor.linear_quant import QuantLinear, apply_linear_plan, load_quantized, save_quantized, select_linears
+from compressor.linear_quant.apply import quantize_modules
+from compressor.linear_quant.balance import fold_layer_balancing
+from compressor.plan import Plan
+
+NAMES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=64, vocab_size=512, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[:4] = 20.0  # outlier channels
+    return model
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def uniform_plan(model: nn.Module, precision: str) -> Plan:
+    plan = Plan.dense(model)
+    for layer in plan.layers:
+        layer.linear = {n: {"precision": precision} for n in NAMES}
+    return plan
+
+
+IDS = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(1))
+
+
+def test_pack_int4_matches_compressed_tensors():
+    ct = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    q = torch.randint(-8, 8, (5, 64), dtype=torch.int8)
+    assert torch.equal(ref.pack_int4(q), ct.pack_to_int32(q, 4))
+    assert torch.equal(ref.unpack_int4(ref.pack_int4(q)), q)
+
+
+@pytest.mark.parametrize("precision,dtype,limit", [("w8a8-int8", torch.int8, 0.02), ("w8a8-fp8", torch.float8_e4m3fn, 0.06),
+                                                    ("w4a8", torch.int32, 0.15)])
+def test_quant_linear_stores_low_bit_and_tracks_float(precision, dtype, limit):
+    lin = nn.Linear(256, 96, bias=True)
+    q = QuantLinear.from_linear(lin, precision)
+    assert q.quantized_weight().dtype == dtype
+    x = torch.randn(7, 256)
+    err = (q(x) - lin(x)).norm() / lin(x).norm()
+    assert err < limit
+
+
+def test_default_excludes_keep_lm_head_and_adaln_modulation():
+    class DiTBlock(nn.Module):  # adaLN-Zero DiT block: modulation linear + attention and MLP linears
+        def __init__(self):
+            super().__init__()
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(128, 6 * 128))
+            self.qkv = nn.Linear(128, 384)
+            self.proj = nn.Linear(128, 128)
+            self.mlp = nn.Sequential(nn.Linear(128, 512), nn.GELU(), nn.Linear(512, 128))
+
+    block = DiTBlock()
+    names = select_linears(block)
+    assert names == ["qkv", "proj", "mlp.0", "mlp.2"]
+    quantize_modules(block, {n: {"precision": "w8a8-int8"} for n in names})
+    assert isinstance(block.adaLN_modulation[1], nn.Linear) and isinstance(block.mlp[0], QuantLinear)
+    assert "lm_head" not in select_linears(tiny_llama())
+
+
+def test_folds_are_exact_in_float():
+    model = tiny_llama()
+    layer = model.model.layers[0]
+    dense = copy.deepcopy(layer)
+    g = torch.Generator().manual_seed(0)
+    s_norm = (torch.rand(256, generator=g) + 0.5).tolist()
+    s_o = (torch.rand(2, 1, 64, generator=g) + 0.5).expand(2, 2, 64).reshape(-1).tolist()  # tied across GQA heads
+    s_down = (torch.rand(512, generator=g) + 0.5).tolist()
+    settings = {n: {"precision": "bf16"} for n in NAMES}
+    for n in NAMES[:3]:
+        settings[n]["smooth"] = {"alpha": 0.5, "scales": s_norm, "fold": "input_layernorm"}
+    settings["self_attn.o_proj"]["smooth"] = {"alpha": 0.5, "scales": s_o, "fold": "self_attn.v_proj", "head_dim": 64}
+    settings["self_attn.o_proj"]["rotate"] = {"fold": "self_attn.v_proj", "block": 64}
+    settings["mlp.down_proj"]["smooth"] = {"alpha": 0.5, "scales": s_down, "fold": "mlp.up_proj"}
+    fold_layer_balancing(layer, settings)
+    h = torch.randn(1, 10, 256)
+    pos = model.model.rotary_emb(h, torch.arange(10)[None])
+    out = layer(h, position_embeddings=pos)[0] if isinstance(layer(h, position_embeddings=pos), tuple) else layer(h, position_embeddings=pos)
+    want = dense(h, position_embeddings=pos)
+    want = want[0] if isinstance(want, tuple) else want
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("precision,min_cos", [("w8a8-int8", 0.999), ("w8a8-fp8", 0.995), ("w4a8", 0.97)])
+def test_apply_linear_plan_close_to_dense(precision, min_cos):
+    model = tiny_llama()
+    want = model(IDS).logits
+    apply_linear_plan(model, uniform_plan(model, precision))
+    assert isinstance(model.model.layers[1].mlp.down_proj, QuantLinear)
+    assert cosine(model(IDS).logits, want) > min_cos
+
+
+def run_method(model, linear: dict):
+    from compressor.methods import METHODS, CompressionContext
+    from compressor.pipeline import build_plan
+    from compressor.recipe import parse_recipe
+    from compressor.calibration.data import RetrievalSample
+
+    recipe = parse_recipe({"name": "t", "linear": {"method": "vidit-q", **linear}})
+    samples = [RetrievalSample(IDS[i], 0, "", "corpus", 0.0, IDS.shape[1]) for i in range(2)]
+    ctx = CompressionContext(model=model, tokenizer=None, recipe=recipe, device=torch.device("cpu"), cache={"samples": samples})
+    result = METHODS[("linear", "vidit-q")].run(ctx, recipe.linear)
+    return build_plan(model, recipe, {"linear": result}, {})
+
+
+def test_smooth_and_rotate_help_w4a8_on_outliers():
+    model = tiny_llama()
+    want = model(IDS).logits
+    plain = apply_linear_plan(copy.deepcopy(model), run_method(model, {"precision": "w4a8"}))
+    plan = run_method(model, {"precision": "w4a8", "smooth": True, "rotate": True, "smooth_grid": [0.5, 0.7]})
+    balanced = apply_linear_plan(copy.deepcopy(model), plan)
+    assert plan.layers[0].linear["self_attn.q_proj"]["smooth"]["fold"] == "input_layernorm"
+    assert plan.layers[0].linear["mlp.down_proj"]["rotate"] == {"online": 128}
+    assert cosine(balanced(IDS).logits, want) > cosine(plain(IDS).logits, want)
+    assert Plan.from_json(plan.to_json()).layers[0].linear == plan.layers[0].linear  # round trip
+
+
+def test_mixed_precision_respects_bit_budget(monkeypatch):
+    from compressor.calibration.data import RetrievalSample
+    from compressor.linear_quant import method
+
+    answers = [RetrievalSample(IDS[0], 40, "", "passkey", 0.5, 48)]
+    monkeypatch.setattr(method, "sensitivity_data", lambda ctx, config: (IDS[:1, :32], answers))
+    model = tiny_llama()
+    plan = run_method(model, {"precision": "mixed", "budget": "bits", "budget_value": 6.0})
+    chosen = plan.search["linear"]["chosen"]
+    assert chosen["avg_bits"] <= 6.0 + 1e-6
+    assert plan.search["linear"]["pareto"] and len(plan.search["linear"]["sensitivity"]["layers"]) == 14
+
+
+@pytest.mark.parametrize("mix", [["w8a8-int8"] * 7, ["w8a8-fp8"] * 7, ["w4a8"] * 7,
+                                 ["w8a8-int8", "w4a8", "bf16", "w8a8-fp8", "w4a8", "w8a8-int8", "w8a8-int8"]])
+def test_checkpoint_reloads_in_transformers_and_ours(tmp_path, mix):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama()
+    plan = Plan.dense(model)
+    for layer in plan.layers:
+        layer.linear = dict(zip(NAMES, [{"precision": p} for p in mix]))
+    save_quantized(model, plan, tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors"
+    with torch.no_grad():
+        ours = model(IDS).logits
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)(IDS).logits
+        loaded = load_quantized(tmp_path, plan, "cpu", torch.float32)(IDS).logits
+    assert cosine(theirs, ours) >= 0.999 and cosine(loaded, ours) >= 0.999 and cosine(theirs, loaded) >= 0.999
+
+
+def test_online_rotation_checkpoint_refused_by_plain_transformers(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama()
+    plan = uniform_plan(model, "w8a8-int8")
+    for layer in plan.layers:
+        layer.linear["mlp.down_proj"]["rotate"] = {"online": 128}
+    save_quantized(model, plan, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "compressor-online-transform"
+    with pytest.raises(Exception, match="compressor-online-transform"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert cosine(load_quantized(tmp_path, plan, "cpu", torch.float32)(IDS).logits, model(IDS).logits) > 0.9999
+
+
+def test_checkpoint_and_plan_disagreeing_is_refused(tmp_path):
+    model = tiny_llama()
+    save_quantized(model, uniform_plan(model, "w8a8-int8"), tmp_path)
+    with pytest.raises(PlanError, match=r"quantization_config w8a8-int8 vs plan w4a8"):
+        load_quantized(tmp_path, uniform_plan(tiny_llama(), "w4a8"), "cpu", torch.float32)
+
+
+def test_applying_twice_checks_instead_of_requantizing():
+    model = tiny_llama()
+    plan = uniform_plan(model, "w8a8-int8")
+    apply_linear_plan(model, plan)
+    apply_linear_plan(model, plan)  # no error, no double quantization
+    with pytest.raises(CompressorError, match="plan w4a8 vs model w8a8-int8"):
+        apply_linear_plan(model, uniform_plan(model, "w4a8"))
+
+
+def test_fp8_refused_on_old_gpu(monkeypatch):
+    from compressor.linear_quant.method import check_device_supports
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(CompressorError, match="compute capability >= 8.9"):
+        check_device_supports(["w8a8-fp8"], torch.device("cuda"))
