@@ -98,6 +98,9 @@ def apply(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
         model.compressor_base_attention = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
     model.compression_plan = plan
+    from compressor.cache import use_plan_cache
+
+    use_plan_cache(model)  # generate() builds a sink + window cache for plans with window heads
     return model
 
 
@@ -111,6 +114,9 @@ def remove(model: torch.nn.Module, attn_implementation: str | None = None) -> to
     model.set_attn_implementation(attn_implementation)
     if hasattr(model, "compression_plan"):
         del model.compression_plan
+    from compressor.cache import stop_plan_cache
+
+    stop_plan_cache(model)
     return model
 
 
@@ -232,6 +238,12 @@ def compressor_attention(
     layer: LayerRuntime | None = getattr(module, "compressor_layer", None)
     causal = bool(getattr(module, "is_causal", True))
     softcap = kwargs.get("softcap")
+    attend = getattr(key, "compressor_attend", None)
+    if attend is not None:  # new tokens from a compressor.cache layer: it stores them, then decodes or hands back keys
+        result = attend(module, query, attention_mask, scaling, softcap)
+        if isinstance(result, torch.Tensor):
+            return result, None
+        key, value, attention_mask = result
     sliding = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     batch, q_heads, q_tokens, _ = query.shape
     kv_tokens = key.shape[2]

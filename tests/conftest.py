@@ -4,11 +4,16 @@ and the embedded SmolLM2 tokenizer/model, loaded once per session."""
 from __future__ import annotations
 
 import os
+import shutil
 
-import pytest
-import torch
-
+# Without a GPU, Triton kernels run in its CPU interpreter. The variable must be set before anything imports triton
+# (transformers may, through torch), so it is set here, before the imports below.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def tiny_config(family: str, vocab_size: int = 128):
