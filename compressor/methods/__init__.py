@@ -8,6 +8,8 @@ from compressor.methods.registry import METHODS, CompressionContext, MethodResul
 
 # Built-in methods (import order is registration order).
 from compressor.methods import dense, window  # noqa: E402,F401  isort: skip
+from compressor.methods import moa  # noqa: F401
 from compressor.linear_quant import method as linear_quant_method  # noqa: E402,F401  isort: skip
+from compressor.methods import xattention  # noqa: F401
 
 __all__ = ["METHODS", "CompressionContext", "MethodResult", "MethodSpec", "method_name", "register_method"]

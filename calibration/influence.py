@@ -1,0 +1,333 @@
+"""Attention influence profiles: how much the loss would rise if a head stopped seeing keys at a given distance.
+
+MoA's first-order estimate for masking attention entry (i, j) and renormalising row i is
+
+    influence[i, j] = -A[i, j] * (G[i, j] - sum_k A[i, k] G[i, k]) / (1 - A[i, j]),   G = dL/dA.
+
+Since O = A V, ``G[i, j] = dO[i] . V[j]``: one forward + backward saves q, k, v (after RoPE) and dO per layer, then
+A and G are recomputed one chunk of queries at a time and the influence is summed into a per-head histogram over
+query-key distance (plus one bucket for sink keys). Nothing of size N x N is ever held: peak memory grows with N.
+
+A sink + window head at length N drops exactly the non-sink entries at distance >= window(N), so the estimated
+loss increase of a rule is a suffix sum of the histogram (:func:`loss_outside_window`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from compressor.calibration.data import RetrievalSample
+from compressor.errors import CompressorError
+
+PROFILE_ATTENTION = "compressor_influence"
+
+
+@dataclass
+class InfluenceProfile:
+    """Influence at one input length, averaged over samples.
+
+    ``length`` is the samples' nominal length (a model-aligned answer may add or drop a few tokens: the histograms
+    span the longest sample). by_distance: [layers, q_heads, tokens] float64, summed over (query, key) entries with key >= sink, indexed by
+    distance ``query - key``; sink: [layers, q_heads], entries with key < sink. ``absolute`` sums |influence|
+    (MoA's choice), ``signed`` keeps the sign (kept side by side, one pass gives both).
+    """
+
+    length: int
+    sink: int
+    samples: int
+    absolute: torch.Tensor
+    signed: torch.Tensor
+    sink_absolute: torch.Tensor
+    sink_signed: torch.Tensor
+    loss: float  # mean dense loss of the profiled samples
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def by_distance(self, kind: str = "absolute") -> torch.Tensor:
+        """[layers, q_heads, length] histogram of the chosen kind ("absolute" or "signed")."""
+        if kind not in ("absolute", "signed"):
+            raise ValueError(f"influence kind must be 'absolute' or 'signed', got {kind!r}")
+        return self.absolute if kind == "absolute" else self.signed
+
+    def __repr__(self) -> str:
+        layers, heads, _ = self.absolute.shape
+        return (
+            f"InfluenceProfile(length={self.length}, sink={self.sink}, samples={self.samples}, "
+            f"layers={layers}, heads={heads}, loss={self.loss:.4f})"
+        )
+
+
+def loss_outside_window(profile: InfluenceProfile, windows: torch.Tensor, kind: str = "absolute") -> torch.Tensor:
+    """Estimated loss increase per (layer, head) and rule: influence at distances >= window (sink keys are kept).
+
+    windows: [rules] int tokens (1..length) -> [layers, q_heads, rules] float64.
+    """
+    hist = profile.by_distance(kind)
+    # suffix[d] = sum of hist[d:], with suffix[length] = 0
+    suffix = torch.flip(torch.cumsum(torch.flip(hist, dims=[-1]), dim=-1), dims=[-1])
+    suffix = F.pad(suffix, (0, 1))
+    index = windows.to(torch.int64).clamp(1, hist.shape[-1])
+    return suffix[..., index]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model-aligned calibration targets
+
+
+@torch.no_grad()
+def model_aligned_samples(
+    model: torch.nn.Module, samples: Iterable[RetrievalSample], max_new_tokens: int = 16
+) -> list[RetrievalSample]:
+    """Replace each retrieval sample's answer with the dense model's own greedy answer (MoA's model alignment).
+
+    Plain-text samples (answer_start == 0) are returned unchanged. Generation stops at the model's EOS token.
+    """
+    device = next(model.parameters()).device
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    out = []
+    for sample in samples:
+        if sample.answer_start <= 0:
+            out.append(sample)
+            continue
+        prompt = sample.input_ids[: sample.answer_start].to(device)[None]
+        generated = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=next(iter(eos_ids), 0),
+        )[0, prompt.shape[1]:].cpu()
+        answer = []
+        for token in generated.tolist():  # keep the EOS: ending the answer is part of what the model does
+            answer.append(token)
+            if token in eos_ids:
+                break
+        if not answer:
+            out.append(sample)
+            continue
+        ids = torch.cat([sample.input_ids[: sample.answer_start], torch.tensor(answer, dtype=torch.long)])
+        out.append(
+            # ``length`` stays the nominal one: profiles group samples by it
+            RetrievalSample(ids, sample.answer_start, sample.answer, sample.task, sample.depth, sample.length)
+        )
+    return out
+
+
+def scored_start(sample: RetrievalSample, text_fraction: float) -> int:
+    """First scored token: the answer for retrieval samples, the last ``text_fraction`` of a plain-text sample."""
+    tokens = int(sample.input_ids.shape[0])
+    if sample.answer_start > 0:
+        return sample.answer_start
+    return max(1, tokens - max(1, int(round(tokens * text_fraction))))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Capture: an attention function that computes attention normally and keeps what the influence pass needs.
+
+
+def capturing_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention through SDPA that stores (q, k, v, output) on ``module.influence_capture`` and retains the
+    output's gradient. query: [batch, q_heads, tokens, dim]; key/value: [batch, kv_heads, tokens, dim] (GQA)."""
+    if kwargs.get("softcap") is not None or kwargs.get("sliding_window") or getattr(module, "sliding_window", None):
+        raise CompressorError(
+            "influence profiling supports plain causal attention (Llama-style); this model uses a softcap or a "
+            "sliding window in its attention"
+        )
+    if query.shape[0] != 1 or (attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all())):
+        raise CompressorError("influence profiling runs one unpadded sequence at a time")
+    group = query.shape[1] // key.shape[1]
+    # The K/V repeat is only for this SDPA call (linear in length); the stored K/V stay per KV head.
+    k_rep = key.repeat_interleave(group, dim=1) if group > 1 else key
+    v_rep = value.repeat_interleave(group, dim=1) if group > 1 else value
+    out = F.scaled_dot_product_attention(query, k_rep, v_rep, is_causal=True, scale=scaling)
+    store = getattr(module, "influence_capture", None)
+    if store is not None and out.requires_grad:
+        out.retain_grad()
+        store["q"], store["k"], store["v"], store["out"] = query.detach(), key.detach(), value.detach(), out
+        store["scale"] = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PROFILE_ATTENTION, capturing_attention)
+
+
+def _attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    from compressor.runtime import attention_modules
+
+    modules = attention_modules(model)
+    if not modules:
+        raise CompressorError(f"{type(model).__name__} has no attention modules with a layer_idx: cannot profile it")
+    return modules
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The influence pass: chunk by chunk of queries, never N x N.
+
+
+def accumulate_layer_influence(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    d_out: torch.Tensor,
+    scale: float,
+    sink: int,
+    absolute: torch.Tensor,
+    signed: torch.Tensor,
+    sink_absolute: torch.Tensor,
+    sink_signed: torch.Tensor,
+    chunk: int = 128,
+) -> None:
+    """Add one sequence's causal influence for one layer into the histograms, in place.
+
+    q, d_out: [q_heads, tokens, dim]; k, v: [kv_heads, tokens, dim]; absolute/signed: [q_heads, tokens] float64
+    (by distance, keys >= sink); sink_absolute/sink_signed: [q_heads]. Work memory: q_heads x chunk x tokens.
+    """
+    q_heads, tokens, dim = q.shape
+    kv_heads = k.shape[0]
+    group = q_heads // kv_heads
+    qf = q.float().view(kv_heads, group, tokens, dim)
+    of = d_out.float().view(kv_heads, group, tokens, v.shape[-1])
+    kf, vf = k.float()[:, None], v.float()[:, None]  # [kv_heads, 1, tokens, dim]: broadcast over the group
+    keys = torch.arange(tokens, device=q.device)
+    for c0 in range(0, tokens, chunk):
+        c1 = min(tokens, c0 + chunk)
+        rows = torch.arange(c0, c1, device=q.device)
+        distance = rows[:, None] - keys[None, :c1]  # [C, c1]
+        visible = distance >= 0
+        scores = torch.matmul(qf[:, :, c0:c1], kf[:, :, :c1].transpose(-1, -2)) * scale
+        probs = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1)  # A: [kv, g, C, c1]
+        grads = torch.matmul(of[:, :, c0:c1], vf[:, :, :c1].transpose(-1, -2))  # G = dO . V
+        expected = (probs * grads).sum(dim=-1, keepdim=True)
+        rest = 1.0 - probs
+        # A -> 1 only where a row has one visible key (distance 0, always kept); guard the division there.
+        influence = torch.where(rest > 1e-6, -probs * (grads - expected) / rest.clamp_min(1e-6), torch.zeros_like(probs))
+        influence = influence.reshape(q_heads, c1 - c0, c1)
+        in_sink = keys[None, :c1] < sink
+        sink_part = influence[:, :, :sink] if sink > 0 else influence[:, :, :0]
+        sink_signed += sink_part.sum(dim=(1, 2)).double()
+        sink_absolute += sink_part.abs().sum(dim=(1, 2)).double()
+        body = influence.masked_fill((in_sink | ~visible)[None], 0.0)
+        index = distance.clamp_min(0).reshape(1, -1).expand(q_heads, -1)
+        flat = body.reshape(q_heads, -1)
+        signed.scatter_add_(1, index, flat.double())
+        absolute.scatter_add_(1, index, flat.abs().double())
+
+
+def profile_sample(
+    model: torch.nn.Module,
+    sample: RetrievalSample,
+    sink: int,
+    text_fraction: float = 0.25,
+    chunk: int = 128,
+) -> tuple[InfluenceProfile, float]:
+    """Influence histograms of one sequence (one forward + backward, then the chunked pass); returns (profile, loss)."""
+    modules = _attention_modules(model)
+    layers = len(modules)
+    device = next(model.parameters()).device
+    ids = sample.input_ids.to(device)[None]
+    tokens = ids.shape[1]
+    start = scored_start(sample, text_fraction)
+    previous = model.config._attn_implementation
+    grads_were = [p.requires_grad for p in model.parameters()]
+    stores: dict[int, dict[str, object]] = {idx: {} for idx in modules}
+    try:
+        for p in model.parameters():  # gradients w.r.t. activations only
+            p.requires_grad_(False)
+        for idx, module in modules.items():
+            module.influence_capture = stores[idx]
+        model.set_attn_implementation(PROFILE_ATTENTION)
+        with torch.enable_grad():
+            embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            logits = model(inputs_embeds=embeds, use_cache=False, logits_to_keep=tokens - start + 1).logits
+            logits = logits[0, :-1].float()  # predicts tokens start .. tokens-1
+            loss = F.cross_entropy(logits, ids[0, start:])
+            loss.backward()
+    finally:
+        model.set_attn_implementation(previous)
+        for module in modules.values():
+            if hasattr(module, "influence_capture"):
+                del module.influence_capture
+        for p, g in zip(model.parameters(), grads_were):
+            p.requires_grad_(g)
+    del logits, embeds
+    q_heads = stores[0]["q"].shape[1]
+    shape = (layers, q_heads, tokens)
+    absolute = torch.zeros(shape, dtype=torch.float64, device=device)
+    signed = torch.zeros(shape, dtype=torch.float64, device=device)
+    sink_abs = torch.zeros(layers, q_heads, dtype=torch.float64, device=device)
+    sink_sig = torch.zeros(layers, q_heads, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for idx in sorted(stores):
+            store = stores[idx]
+            out = store.pop("out")
+            if out.grad is None:
+                raise CompressorError(f"layer {idx}: no gradient reached the attention output; cannot profile")
+            accumulate_layer_influence(
+                store["q"][0], store["k"][0], store["v"][0], out.grad[0], store["scale"], sink,
+                absolute[idx], signed[idx], sink_abs[idx], sink_sig[idx], chunk=chunk,
+            )
+            stores[idx] = {}  # free this layer's tensors as we go
+    profile = InfluenceProfile(sample.length, sink, 1, absolute.cpu(), signed.cpu(), sink_abs.cpu(), sink_sig.cpu(), float(loss.detach()))
+    return profile, float(loss.detach())
+
+
+def _same_span(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad two distance histograms to the longer one's span."""
+    n = max(a.shape[-1], b.shape[-1])
+    return F.pad(a, (0, n - a.shape[-1])), F.pad(b, (0, n - b.shape[-1]))
+
+
+def profile_influence(
+    model: torch.nn.Module,
+    samples: list[RetrievalSample],
+    sink: int = 64,
+    text_fraction: float = 0.25,
+    chunk: int = 128,
+    progress: bool = False,
+) -> dict[int, InfluenceProfile]:
+    """Per input length, the influence histograms averaged over that length's samples."""
+    if not samples:
+        raise CompressorError("no calibration samples to profile; check the recipe's calibration section")
+    by_length: dict[int, InfluenceProfile] = {}
+    iterator: Iterable[RetrievalSample] = samples
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(samples, desc="influence", unit="sample")
+    for sample in iterator:
+        one, _ = profile_sample(model, sample, sink, text_fraction, chunk)
+        have = by_length.get(one.length)
+        if have is None:
+            by_length[one.length] = one
+            continue
+        have.absolute, one.absolute = _same_span(have.absolute, one.absolute)
+        have.signed, one.signed = _same_span(have.signed, one.signed)
+        have.absolute += one.absolute
+        have.signed += one.signed
+        have.sink_absolute += one.sink_absolute
+        have.sink_signed += one.sink_signed
+        have.loss += one.loss
+        have.samples += 1
+    for profile in by_length.values():
+        n = profile.samples
+        profile.absolute /= n
+        profile.signed /= n
+        profile.sink_absolute /= n
+        profile.sink_signed /= n
+        profile.loss /= n
+    return dict(sorted(by_length.items()))

@@ -1,0 +1,324 @@
+"""The ``moa`` attention method (Mixture of Sparse Attention): a sink + elastic window per head, searched.
+
+Each head gets ``sink`` tokens + ``window(N) = alpha + beta * N``, one (alpha, beta) rule per head (or per KV group)
+from a candidate grid, or stays dense. Steps:
+
+1. calibration samples whose answers the dense model regenerated (model alignment);
+2. influence histograms per head at each calibration length (``compressor.calibration.influence``);
+3. estimated loss increase per head and rule = influence outside the rule's mask;
+4. a multiple-choice knapsack (``compressor.search``) per objective weighting: least summed loss with the average
+   density <= ``density`` at every calibration length;
+5. each resulting plan is applied and scored by the real loss on held-out samples at ``score_length`` (longer than
+   any profiled length where the model allows), and the best is kept.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from compressor.calibration.data import RetrievalSample, calibration_samples
+from compressor.calibration.influence import (
+    InfluenceProfile,
+    loss_outside_window,
+    model_aligned_samples,
+    profile_influence,
+    scored_start,
+)
+from compressor.errors import CompressorError
+from compressor.methods.registry import CompressionContext, MethodResult, register_method
+from compressor.plan import AttentionLayerPlan, DensePattern, LayerPlan, ModelSignature, Pattern, Plan, WindowPattern
+
+
+@dataclass
+class MoAConfig:
+    """MoA search settings. Rules: alpha in ``alpha_min..alpha_max`` step ``alpha_step`` (tokens), beta in
+    ``0..1`` step ``1/beta_steps``, kept where ``1 <= window(N) <= N`` at every calibration length; plus dense.
+
+    density: the average density bound at every calibration length. max_rules_per_layer: cap on distinct rules
+    (dense counts as one) per layer; None = no cap. tie_kv_groups: one rule per KV group (None: on for GQA models).
+    Candidate plans: one per (p in length_powers, s in density_scales), minimising the estimated loss weighted by
+    (N / longest N)^p per length under the budget s * density. score_length: held-out length for choosing among plans (None: twice the
+    longest calibration length, capped at the model's context; 0: do not score, keep the first plan).
+    """
+
+    density: float = 0.5
+    sink: int = 64
+    alpha_min: int = -2048
+    alpha_max: int = 8192
+    alpha_step: int = 1024
+    beta_steps: int = 8
+    dense_option: bool = True
+    max_rules_per_layer: int | None = None
+    tie_kv_groups: bool | None = None
+    influence: Literal["absolute", "signed"] = "absolute"
+    align_answers: bool = True
+    answer_tokens: int = 16
+    text_fraction: float = 0.25
+    length_powers: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    density_scales: list[float] = field(default_factory=lambda: [1.0, 0.9])
+    score_length: int | None = None
+    score_samples: int = 4
+    solver_time_limit: float = 60.0
+    solver_gap: float = 1e-3
+    chunk: int = 128
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {self.density}")
+        if self.sink < 0:
+            raise ValueError(f"sink must be >= 0 tokens, got {self.sink}")
+        if self.alpha_step < 1 or self.alpha_max < self.alpha_min:
+            raise ValueError(
+                f"alpha grid needs alpha_step >= 1 and alpha_max >= alpha_min, got {self.alpha_min}..{self.alpha_max} "
+                f"step {self.alpha_step}"
+            )
+        if self.beta_steps < 1:
+            raise ValueError(f"beta_steps must be >= 1 (beta grid 0..1 in 1/beta_steps), got {self.beta_steps}")
+        if self.max_rules_per_layer is not None and self.max_rules_per_layer < 1:
+            raise ValueError(f"max_rules_per_layer must be >= 1 or null, got {self.max_rules_per_layer}")
+        if self.influence not in ("absolute", "signed"):
+            raise ValueError(f"influence must be 'absolute' or 'signed', got {self.influence!r}")
+        if self.answer_tokens < 1:
+            raise ValueError(f"answer_tokens must be >= 1, got {self.answer_tokens}")
+        if not 0.0 < self.text_fraction <= 1.0:
+            raise ValueError(f"text_fraction must be in (0, 1], got {self.text_fraction}")
+        if not self.length_powers or not self.density_scales:
+            raise ValueError("length_powers and density_scales each need at least one value (e.g. [0.0] and [1.0])")
+        if any(not 0.0 < s <= 1.0 for s in self.density_scales):
+            raise ValueError(f"density_scales must lie in (0, 1] (plans never exceed the budget), got {self.density_scales}")
+        if self.score_length is not None and self.score_length < 0:
+            raise ValueError(f"score_length must be >= 0 tokens or null, got {self.score_length}")
+        if self.score_samples < 1:
+            raise ValueError(f"score_samples must be >= 1, got {self.score_samples}")
+        if self.chunk < 1:
+            raise ValueError(f"chunk must be >= 1 query, got {self.chunk}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Candidates and the knapsack built from profiles
+
+
+def candidate_rules(config: MoAConfig, lengths: list[int]) -> list[Pattern]:
+    """The rule grid kept where 1 <= window(N) <= N at every length, then dense (if allowed)."""
+    rules: list[Pattern] = []
+    for alpha in range(config.alpha_min, config.alpha_max + 1, config.alpha_step):
+        for step in range(config.beta_steps + 1):
+            beta = step / config.beta_steps
+            if all(1 <= np.floor(alpha + beta * n) <= n for n in lengths):
+                rules.append(WindowPattern(alpha=float(alpha), beta=beta, sink=config.sink))
+    if config.dense_option:
+        rules.append(DensePattern())
+    if not rules:
+        raise CompressorError(
+            f"no window rule alpha in {config.alpha_min}..{config.alpha_max} step {config.alpha_step}, beta in 0..1 "
+            f"step 1/{config.beta_steps} fits 1 <= window <= N at lengths {lengths}; widen the grid or set dense_option"
+        )
+    return rules
+
+
+def estimated_loss(profiles: dict[int, InfluenceProfile], rules: list[Pattern], kind: str) -> np.ndarray:
+    """[layers, q_heads, rules, lengths]: influence outside each rule's mask at each profiled length."""
+    out = []
+    for n, profile in profiles.items():
+        windows = torch.tensor(
+            [r.window_for_length(n) if isinstance(r, WindowPattern) else profile.absolute.shape[-1] + 1 for r in rules]
+        )
+        out.append(loss_outside_window(profile, windows, kind).numpy())
+    return np.stack(out, axis=-1)
+
+
+def rule_densities(rules: list[Pattern], lengths: list[int]) -> np.ndarray:
+    """[rules, lengths] density of each rule at each length."""
+    return np.array([[r.density(n) for n in lengths] for r in rules], dtype=np.float64)
+
+
+@dataclass
+class SearchOutcome:
+    """One plan of the trade-off: its rules per (layer, head), weights and what it was estimated and measured at."""
+
+    name: str
+    length_weights: list[float]
+    heads: list[list[Pattern]]
+    estimated: dict[str, float]
+    density: dict[str, float]
+    solver: dict[str, object]
+    budget: float = 0.0
+    measured_loss: float | None = None
+
+    def record(self) -> dict[str, object]:
+        return {
+            "name": self.name, "budget": self.budget, "length_weights": self.length_weights, "estimated_loss": self.estimated,
+            "density": self.density, "measured_loss": self.measured_loss, "solver": self.solver,
+        }
+
+
+def search_plan(
+    loss: np.ndarray,
+    rules: list[Pattern],
+    lengths: list[int],
+    density: float,
+    length_weights: list[float],
+    group: int,
+    max_rules_per_layer: int | None,
+    time_limit: float = 60.0,
+    gap: float = 1e-3,
+) -> tuple[list[list[Pattern]], dict[str, object]]:
+    """Solve one MCKP: loss [layers, q_heads, rules, lengths] weighted per length; items are (layer, group of
+    ``group`` consecutive query heads). Returns (patterns [layers][q_heads], solver record)."""
+    from compressor.search import InfeasibleBudget, solve_mckp_detailed  # scipy: imported only when searching
+
+    layers, heads, n_rules, n_lengths = loss.shape
+    weights = np.asarray(length_weights or [1.0] * n_lengths, dtype=np.float64)
+    if weights.shape != (n_lengths,):
+        raise CompressorError(f"length_weights {length_weights} must give one weight per calibration length {lengths}")
+    per_head = (loss * weights).sum(axis=-1)  # [layers, heads, rules]
+    items = per_head.reshape(layers, heads // group, group, n_rules).sum(axis=2).reshape(-1, n_rules)
+    dens = rule_densities(rules, lengths)  # [rules, lengths]
+    weight = np.broadcast_to(dens[None] * (group / (layers * heads)), (items.shape[0], n_rules, n_lengths))
+    groups = np.repeat(np.arange(layers), heads // group)
+    try:
+        solution = solve_mckp_detailed(
+            items, weight, np.full(n_lengths, density), groups=groups, max_distinct=max_rules_per_layer,
+            time_limit=time_limit, gap=gap,
+        )
+    except InfeasibleBudget as err:
+        raise CompressorError(f"MoA: density {density} cannot be met with these rules: {err}") from None
+    choice = solution.choice.reshape(layers, heads // group)
+    patterns = [[rules[int(choice[layer, h // group])] for h in range(heads)] for layer in range(layers)]
+    record = {"status": solution.status, "seconds": round(solution.seconds, 3), "objective": solution.cost,
+              "bound": solution.bound}
+    return patterns, record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring plans by the real loss
+
+
+def plan_from_heads(model: torch.nn.Module, heads: list[list[Pattern]]) -> Plan:
+    """A Plan holding only these attention patterns."""
+    return Plan(model=ModelSignature.of(model), layers=[LayerPlan(AttentionLayerPlan(list(h))) for h in heads])
+
+
+def scored_samples(samples: list[RetrievalSample], text_fraction: float) -> list[RetrievalSample]:
+    """Samples whose answer_start marks what is scored (plain text: its last ``text_fraction``)."""
+    return [
+        RetrievalSample(s.input_ids, scored_start(s, text_fraction), s.answer, s.task, s.depth, s.length)
+        for s in samples
+    ]
+
+
+def measured_loss(model: torch.nn.Module, heads: list[list[Pattern]] | None, samples: list[RetrievalSample]) -> float:
+    """Answer loss of ``samples`` with the patterns applied (None: the dense model)."""
+    from compressor import runtime
+    from compressor.evaluate import answer_loss
+
+    if heads is None:
+        return answer_loss(model, samples)
+    runtime.apply(model, plan_from_heads(model, heads))
+    try:
+        return answer_loss(model, samples)
+    finally:
+        runtime.remove(model)
+
+
+def _score_length(config: MoAConfig, model: torch.nn.Module, lengths: list[int]) -> int:
+    if config.score_length is not None:
+        return config.score_length
+    from compressor.models import max_context
+
+    limit = max_context(model) or 2 * max(lengths)
+    return min(2 * max(lengths), limit)
+
+
+@register_method("attention", "moa", MoAConfig)
+def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
+    """Calibrate, profile, search and select a heterogeneous elastic window per head (MoA)."""
+    model = ctx.model
+    sig = ModelSignature.of(model)
+    cal = ctx.recipe.calibration
+    lengths = sorted(set(cal.lengths))
+    group = sig.num_attention_heads // sig.num_key_value_heads
+    tie = group > 1 if config.tie_kv_groups is None else config.tie_kv_groups
+    started = time.perf_counter()
+
+    # Profiles depend only on these settings: methods of one run (e.g. several budgets) share them through ctx.cache.
+    key = ("moa-profiles", config.sink, config.text_fraction, config.align_answers, config.answer_tokens)
+    if key not in ctx.cache:
+        samples = ctx.calibration_samples
+        if config.align_answers:
+            samples = model_aligned_samples(model, samples, config.answer_tokens)
+        aligned = time.perf_counter() - started
+        profiles = profile_influence(model, samples, sink=config.sink, text_fraction=config.text_fraction, chunk=config.chunk)
+        ctx.cache[key] = (samples, profiles, aligned, time.perf_counter() - started - aligned)
+    samples, profiles, align_seconds, profile_seconds = ctx.cache[key]
+    profiled_at = time.perf_counter()
+    lengths = list(profiles)
+
+    rules = candidate_rules(config, lengths)
+    loss = estimated_loss(profiles, rules, config.influence)
+    outcomes: list[SearchOutcome] = []
+    variants = [(p, s) for s in config.density_scales for p in config.length_powers]
+    for power, scale in variants:
+        weights = [round((n / max(lengths)) ** power, 6) for n in lengths]
+        heads, solver = search_plan(
+            loss, rules, lengths, scale * config.density, weights, group if tie else 1, config.max_rules_per_layer,
+            config.solver_time_limit, config.solver_gap,
+        )
+        estimated = {
+            str(n): float(sum(loss[l, h, rules.index(p), k] for l, row in enumerate(heads) for h, p in enumerate(row)))
+            for k, n in enumerate(lengths)
+        }
+        plan = plan_from_heads(model, heads)
+        outcomes.append(SearchOutcome(f"power={power:g},budget={scale * config.density:.4g}", weights, heads, estimated,
+                                      {str(n): round(plan.density(n), 6) for n in lengths}, solver,
+                                      budget=scale * config.density))
+    searched_at = time.perf_counter()
+
+    score_length = _score_length(config, model, lengths)
+    scoring: dict[str, object] = {"length": score_length, "unseen": score_length > max(lengths)}
+    chosen = 0
+    distinct = {repr(o.heads): i for i, o in reversed(list(enumerate(outcomes)))}  # first index of each plan
+    if score_length > 0 and len(distinct) > 1:
+        held_key = ("moa-heldout", score_length, config.score_samples, config.align_answers, config.answer_tokens,
+                    config.text_fraction)
+        if held_key not in ctx.cache:  # held out from calibration by its seed; the dense loss is shared too
+            held = calibration_samples(
+                cal.source, ctx.tokenizer, [score_length], config.score_samples, cal.seed + 1, chat=cal.chat
+            )
+            if config.align_answers:
+                held = model_aligned_samples(model, held, config.answer_tokens)
+            held = scored_samples(held, config.text_fraction)
+            ctx.cache[held_key] = (held, measured_loss(model, None, held))
+        held, scoring["dense_loss"] = ctx.cache[held_key]
+        scoring["samples"] = len(held)
+        for index, o in enumerate(outcomes):
+            first = distinct[repr(o.heads)]  # identical plans are measured once
+            o.measured_loss = outcomes[first].measured_loss if first != index else measured_loss(model, o.heads, held)
+            o.density[str(score_length)] = round(plan_from_heads(model, o.heads).density(score_length), 6)
+        chosen = min(range(len(outcomes)), key=lambda i: (outcomes[i].measured_loss, i))
+    done = time.perf_counter()
+
+    calibration = {
+        "samples": len(samples),
+        "lengths": lengths,
+        "aligned_answers": config.align_answers,
+        "dense_loss": {str(n): round(p.loss, 6) for n, p in profiles.items()},
+        "seconds": {"align": round(align_seconds, 2), "profile": round(profile_seconds, 2),
+                    "search": round(searched_at - profiled_at, 2), "score": round(done - searched_at, 2)},
+    }
+    search = {
+        "rules": len(rules),
+        "density_budget": config.density,
+        "tied_kv_groups": tie,
+        "max_rules_per_layer": config.max_rules_per_layer,
+        "influence": config.influence,
+        "scoring": scoring,
+        "plans": [o.record() for o in outcomes],
+        "chosen": chosen,
+    }
+    return MethodResult(heads=outcomes[chosen].heads, calibration=calibration, search=search)

@@ -1,0 +1,118 @@
+"""Benchmark: XAttention on a Llama-3-8B-shaped layer (32 query heads, 8 KV heads, head dim 128, bf16, batch 1).
+
+Rows per length (16k, 64k): dense causal SDPA (cuDNN, flash if cuDNN refuses) as the baseline; the Triton scoring
+kernel (stride 8, blocks of 128) as a share of it; selection; and scoring + selection + the block-sparse kernel at
+fixed densities (10%, 25% of the causal blocks: the top-scoring blocks of each row, sink and diagonal included).
+
+    python scripts/bench_xattention.py --out scripts/results/xattention_h200.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import subprocess
+import sys
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from compressor.kernels.sparse_attention import sparse_attention
+from compressor.kernels.xattention_score import (
+    kept_counts,
+    rank_blocks,
+    select_blocks,
+    visible_blocks,
+    xattention_scores,
+)
+
+Q_HEADS, KV_HEADS, DIM, STRIDE, BLOCK = 32, 8, 128, 8, 128
+
+
+def ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=5, rep=30)
+
+
+def dense_sdpa(q, k, v):
+    """cuDNN SDPA (K/V repeated for GQA outside the timed call), flash when cuDNN refuses; returns (fn, backend)."""
+    kr, vr = (x.repeat_interleave(Q_HEADS // KV_HEADS, dim=1) for x in (k, v))
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+        def run(backend=backend):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+        try:
+            run()
+            return run, backend.name
+        except RuntimeError:
+            continue
+    raise RuntimeError("neither cuDNN nor flash SDPA runs here")
+
+
+def fixed_density_lists(scores, density: float, tokens: int):
+    """Block lists keeping the top ``density`` share of each row's causal blocks (at least sink + diagonal)."""
+    b, h, nq, nk = scores.shape
+    visible, forced = visible_blocks(b, tokens, tokens, BLOCK, None, None, True, scores.device)
+    order, _, n_forced, n_visible = rank_blocks(scores, visible, forced)
+    count = torch.maximum(torch.ceil(n_visible * density).long(), n_forced)
+    kept = torch.arange(nk, device=scores.device) < count[..., None]
+    index = torch.where(kept, order, torch.full_like(order, nk)).sort(-1).values
+    return torch.where(index < nk, index, 0).int(), count.int()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="scripts/results/xattention_h200.md")
+    parser.add_argument("--lengths", default="16384,65536")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for n in [int(x) for x in args.lengths.split(",")]:
+        q = torch.randn(1, Q_HEADS, n, DIM, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, KV_HEADS, n, DIM, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(1, KV_HEADS, n, DIM, device="cuda", dtype=torch.bfloat16)
+        dense, backend = dense_sdpa(q, k, v)
+        t_dense = ms(dense)
+        score = lambda: xattention_scores(q, k, stride=STRIDE, block_size=BLOCK)  # noqa: E731
+        t_score = ms(score)
+        scores = score()
+        tau = torch.full((Q_HEADS,), 0.9, device="cuda")
+        t_select = ms(lambda: select_blocks(scores, tau, q_tokens=n, kv_tokens=n, block_size=BLOCK))
+        rows.append(f"| {n} | dense SDPA ({backend}) | {t_dense:.2f} | 1.00x | |")
+        rows.append(f"| {n} | scoring (S={STRIDE}) | {t_score:.2f} | {t_score / t_dense:.1%} of dense | |")
+        rows.append(f"| {n} | selection (tau=0.9) | {t_select:.2f} | {t_select / t_dense:.1%} of dense | |")
+        for density in (0.10, 0.25):
+            index, count = fixed_density_lists(scores, density, n)
+            real = float(count.float().sum() / rank_blocks(scores, *visible_blocks(1, n, n, BLOCK, None, None, True, "cuda"))[3].float().sum())
+            sparse = lambda: sparse_attention(q, k, v, block_index=index, block_count=count, block_size=BLOCK)  # noqa: E731
+            t_sparse = ms(sparse)
+            total = t_score + t_select + t_sparse
+            rows.append(f"| {n} | score+select+sparse @ {density:.0%} | {total:.2f} | {t_dense / total:.2f}x | "
+                        f"kernel alone {t_sparse:.2f} ms ({t_dense / t_sparse:.2f}x), real density {real:.1%} |")
+        del q, k, v, scores
+        torch.cuda.empty_cache()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    text = "\n".join([
+        "# XAttention speed on a Llama-3-8B-shaped layer",
+        "",
+        f"- command: `python {' '.join(sys.argv)}`",
+        f"- date: {datetime.date.today()}, GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"triton {triton.__version__}, commit {commit}",
+        f"- layer: {Q_HEADS} query heads, {KV_HEADS} KV heads, head dim {DIM}, bf16, batch 1, causal; stride {STRIDE}, "
+        f"blocks of {BLOCK}. Times: triton.testing.do_bench means (ms).",
+        "",
+        "| N | what | ms | vs dense | notes |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ])
+    print(text)
+    with open(args.out, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""MoA vs a uniform sink + window at the same average density vs dense, on SmolLM2-135M on the CPU.
+
+Runs the MoA search (calibration + profile + search + scoring) once per density, sharing the profile, then evaluates
+dense, each MoA plan and the uniform elastic window at the MoA plan's density: passkey and lines accuracy and held-out
+perplexity at each length. Writes a markdown table with the command, date, versions, timings and peak memory.
+
+    python scripts/eval_moa.py --recipe moa-cpu --densities 0.5 0.25 --lengths 1024 2048 4096 \
+        --samples 8 --ppl-samples 2 --out scripts/results/moa_smollm2_cpu.md
+    python scripts/eval_moa.py --profile-memory 1024 2048 4096   # influence-profiling peak memory per length
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since the last reset (VmHWM), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak() -> None:
+    """Reset VmHWM to the current RSS (Linux: writing 5 to clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def profile_memory(length: int) -> dict[str, float]:
+    """Peak memory above the loaded model while profiling one passkey sample of ``length`` tokens."""
+    import gc
+
+    from compressor.calibration.data import calibration_samples
+    from compressor.calibration.influence import profile_sample
+    from compressor.models import load_model
+
+    model, tokenizer, _ = load_model("smollm2-135m", device="cpu", dtype="float32")
+    sample = calibration_samples("passkey", tokenizer, [length], 1, 0)[0]
+    gc.collect()
+    reset_peak()
+    base = rss_mb()
+    start = time.perf_counter()
+    profile_sample(model, sample, sink=64)
+    return {"length": length, "base_mb": round(base), "peak_mb": round(peak_rss_mb()),
+            "delta_mb": round(peak_rss_mb() - base), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def evaluate_config(model, tokenizer, lengths, samples, ppl_samples, seed) -> dict[str, dict[str, float]]:
+    from compressor.evaluate import perplexity, retrieval_accuracy
+
+    out: dict[str, dict[str, float]] = {"passkey": {}, "lines": {}, "perplexity": {}}
+    for n in lengths:
+        for task in ("passkey", "lines"):
+            out[task][str(n)] = retrieval_accuracy(model, tokenizer, task, n, samples, seed)
+        out["perplexity"][str(n)] = perplexity(model, tokenizer, n, ppl_samples, seed)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="moa-cpu")
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.25])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--samples", type=int, default=50, help="retrieval samples per (task, length) cell")
+    parser.add_argument("--ppl-samples", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    parser.add_argument("--profile-memory", type=int, nargs="*", help="only measure profiling memory at these lengths")
+    parser.add_argument("--memory-json", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="scripts/results/moa_smollm2_cpu.md")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.profile_memory is not None and args.memory_json == "child":
+        print(json.dumps(profile_memory(args.profile_memory[0])))
+        return
+    if args.profile_memory is not None:
+        rows = []
+        for n in args.profile_memory:  # one process per length: clean peaks
+            cmd = [sys.executable, __file__, "--profile-memory", str(n), "--memory-json", "child"]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            line = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            rows.append(json.loads(line))
+            print(rows[-1], flush=True)
+        return
+
+    import transformers
+
+    from compressor import runtime
+    from compressor.methods import CompressionContext
+    from compressor.methods.moa import moa_plan, plan_from_heads
+    from compressor.methods.window import WindowConfig, uniform_window
+    from compressor.models import load_model
+    from compressor.recipe import load_recipe
+
+    started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    model, tokenizer, _ = load_model("smollm2-135m", device="cpu", dtype="float32")
+    recipe = load_recipe(args.recipe)
+    ctx = CompressionContext(model=model, tokenizer=tokenizer, recipe=recipe, device=torch.device("cpu"))
+
+    searches = {}
+    for density in args.densities:
+        config = recipe.attention
+        config.density = density
+        reset_peak()
+        t0 = time.perf_counter()
+        result = moa_plan(ctx, config)
+        searches[density] = {"result": result, "seconds": time.perf_counter() - t0, "peak_mb": peak_rss_mb()}
+        print(f"moa density {density}: {searches[density]['seconds']:.0f}s, peak {searches[density]['peak_mb']:.0f} MiB",
+              json.dumps(result.calibration), flush=True)
+
+    configs: dict[str, object] = {"dense": None}
+    for density, s in searches.items():
+        plan = plan_from_heads(model, s["result"].heads)
+        configs[f"moa@{density:g}"] = plan
+        # the uniform elastic window with the MoA plan's density at the longest evaluated length (never above it)
+        target = plan.density(max(args.lengths))
+        rule = uniform_window(WindowConfig(density=target, sink=64, scaling="elastic", length=max(args.lengths)))
+        configs[f"uniform@{density:g}"] = plan_from_heads(model, [[rule] * len(row) for row in s["result"].heads])
+
+    results = {}
+    for name, plan in configs.items():
+        t0 = time.perf_counter()
+        if plan is not None:
+            runtime.apply(model, plan)
+        try:
+            results[name] = evaluate_config(model, tokenizer, args.lengths, args.samples, args.ppl_samples, args.seed)
+        finally:
+            if plan is not None:
+                runtime.remove(model)
+        density = {str(n): round(plan.density(n), 3) if plan is not None else 1.0 for n in args.lengths}
+        results[name]["density"] = density
+        print(name, json.dumps(results[name]), f"{time.perf_counter() - t0:.0f}s", flush=True)
+
+    write_report(args, started_at, searches, results, transformers.__version__)
+
+
+def write_report(args, started_at, searches, results, transformers_version) -> None:
+    lines = [
+        "# MoA vs uniform window vs dense — SmolLM2-135M-Instruct, CPU",
+        "",
+        f"- date: {started_at}; machine: {platform.machine()} {platform.processor() or ''}, "
+        f"{torch.get_num_threads()} torch threads",
+        f"- versions: torch {torch.__version__}, transformers {transformers_version}, python {platform.python_version()}",
+        f"- command: `python scripts/eval_moa.py {' '.join(sys.argv[1:])}`",
+        f"- retrieval: {args.samples} held-out samples per (task, length) cell, needle depths spread over 0..1; "
+        f"perplexity: {args.ppl_samples} held-out corpus windows per length",
+        "- uniform = one elastic sink(64) + beta*N window for every head, at the MoA plan's density at the longest length",
+        "",
+        "| config | " + " | ".join(f"density@{n}" for n in args.lengths) + " | "
+        + " | ".join(f"passkey@{n}" for n in args.lengths) + " | " + " | ".join(f"lines@{n}" for n in args.lengths)
+        + " | " + " | ".join(f"ppl@{n}" for n in args.lengths) + " |",
+        "|---" * (1 + 4 * len(args.lengths)) + "|",
+    ]
+    for name, r in results.items():
+        cells = [f"{r['density'][str(n)]:.3f}" for n in args.lengths]
+        cells += [f"{r['passkey'][str(n)]:.2f}" for n in args.lengths]
+        cells += [f"{r['lines'][str(n)]:.2f}" for n in args.lengths]
+        cells += [f"{r['perplexity'][str(n)]:.3f}" for n in args.lengths]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Calibration + search", ""]
+    for density, s in searches.items():
+        res = s["result"]
+        lines.append(
+            f"- density {density:g}: {s['seconds']:.0f} s wall, peak RSS {s['peak_mb']:.0f} MiB (model included); "
+            f"stages {json.dumps(res.calibration['seconds'])}; {res.search['rules']} rules; "
+            f"chosen plan {res.search['chosen']}"
+        )
+        for p in res.search["plans"]:
+            lines.append(
+                f"  - {p['name']}: estimated {json.dumps({k: round(v, 4) for k, v in p['estimated_loss'].items()})}, "
+                f"measured loss @{res.search['scoring']['length']} {p['measured_loss']}, density {json.dumps(p['density'])}, "
+                f"solver {p['solver']['status']} {p['solver']['seconds']} s"
+            )
+        lines.append(f"  - dense loss @{res.search['scoring']['length']}: {res.search['scoring'].get('dense_loss')}")
+    lines.append("")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

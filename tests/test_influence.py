@@ -1,0 +1,118 @@
+"""Influence profiles: the chunked, linear-memory histograms equal the brute-force N x N computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+
+from compressor.calibration.data import RetrievalSample
+from compressor.calibration.influence import (
+    InfluenceProfile,
+    loss_outside_window,
+    profile_influence,
+    profile_sample,
+    scored_start,
+)
+
+TOKENS, SINK = 48, 5
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """2 layers, 4 query heads sharing 2 KV heads (GQA), head_dim 8 (Llama-3-8B: 32 layers, 32/8 heads, 128)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def explicit_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Materialised causal softmax attention that keeps A (with its gradient) on the module: the brute force."""
+    group = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(group, dim=1)
+    v = value.repeat_interleave(group, dim=1)
+    scores = torch.matmul(query, k.transpose(-1, -2)) * scaling
+    n = query.shape[2]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    probs = torch.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)
+    probs.retain_grad()
+    module.brute_probs = probs
+    return torch.matmul(probs, v).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("test_explicit", explicit_attention)
+
+
+def brute_force_profile(model, sample, sink, text_fraction=0.25):
+    """Full A and G = dL/dA by autograd, MoA's influence per entry, binned by distance: [layers, heads, N]."""
+    model.set_attn_implementation("test_explicit")
+    ids = sample.input_ids[None]
+    start = scored_start(sample, text_fraction)
+    logits = model(ids).logits[0].float()
+    loss = torch.nn.functional.cross_entropy(logits[start - 1 : -1], ids[0, start:])
+    loss.backward()
+    model.set_attn_implementation("sdpa")
+    n = ids.shape[1]
+    dist = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+    hists, sinks = [], []
+    for layer in model.model.layers:
+        a = layer.self_attn.brute_probs[0].double()
+        g = layer.self_attn.brute_probs.grad[0].double()
+        s = (a * g).sum(-1, keepdim=True)
+        infl = torch.where(a < 1 - 1e-6, -a * (g - s) / (1 - a).clamp_min(1e-6), torch.zeros_like(a))
+        infl = infl * (dist >= 0)
+        sinks.append(infl[:, :, :sink].abs().sum((1, 2)))
+        body = infl.clone()
+        body[:, :, :sink] = 0
+        hist = torch.zeros(a.shape[0], n, dtype=torch.float64)
+        for d in range(n):
+            hist[:, d] = torch.diagonal(body, offset=-d, dim1=1, dim2=2).abs().sum(-1)
+        hists.append(hist)
+    return torch.stack(hists), torch.stack(sinks)
+
+
+def retrieval_sample(seed: int, answer_tokens: int = 3) -> RetrievalSample:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (TOKENS,), generator=g)
+    return RetrievalSample(ids, TOKENS - answer_tokens, "x", "passkey", 0.5, TOKENS)
+
+
+@pytest.mark.parametrize("answer_start", [TOKENS - 3, 0])
+def test_histogram_equals_brute_force(answer_start):
+    model = tiny_llama()
+    sample = retrieval_sample(1)
+    sample.answer_start = answer_start  # 0: plain text, scored on the last quarter
+
+    profile, _ = profile_sample(model, sample, SINK, chunk=7)  # odd chunk: rows split unevenly
+    hist, sink = brute_force_profile(model, sample, SINK)
+
+    torch.testing.assert_close(profile.absolute, hist, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(profile.sink_absolute, sink, rtol=1e-4, atol=1e-9)
+
+
+def test_profile_averages_samples_and_keeps_model_parameters_untouched():
+    model = tiny_llama()
+    before = [p.requires_grad for p in model.parameters()]
+    samples = [retrieval_sample(1), retrieval_sample(2)]
+
+    profiles = profile_influence(model, samples, sink=SINK)
+    one, _ = profile_sample(model, samples[0], SINK)
+    two, _ = profile_sample(model, samples[1], SINK)
+
+    torch.testing.assert_close(profiles[TOKENS].absolute, (one.absolute + two.absolute) / 2)
+    assert [p.requires_grad for p in model.parameters()] == before
+    assert model.config._attn_implementation != "compressor_influence"
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_loss_outside_window_is_the_histogram_tail():
+    hist = torch.arange(1.0, 11.0, dtype=torch.float64).reshape(1, 1, 10)
+    profile = InfluenceProfile(10, 0, 1, hist, hist, torch.zeros(1, 1), torch.zeros(1, 1), 0.0)
+
+    out = loss_outside_window(profile, torch.tensor([1, 4, 10]))
+
+    assert out[0, 0].tolist() == [hist[0, 0, 1:].sum().item(), hist[0, 0, 4:].sum().item(), 0.0]

@@ -1,0 +1,128 @@
+"""The MoA method: candidate rules, budgeted search, and the whole calibrate-profile-search-score run end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import AutoTokenizer
+
+from compressor import runtime
+from compressor.errors import RecipeError
+from compressor.methods import METHODS, CompressionContext
+from compressor.methods.moa import MoAConfig, candidate_rules, plan_from_heads, search_plan
+from compressor.plan import DensePattern, Plan, WindowPattern
+from compressor.recipe import parse_recipe
+from conftest import tiny_model
+
+LENGTHS = [192, 256]
+MOA_SECTION = {
+    "method": "moa", "density": 0.6, "sink": 8, "alpha_min": -64, "alpha_max": 256, "alpha_step": 32,
+    "score_samples": 2, "answer_tokens": 4, "chunk": 48,
+}
+
+
+def tiny_recipe(**moa: object) -> dict:
+    return {
+        "name": "moa-tiny",
+        "calibration": {"source": "corpus,passkey", "samples": 2, "lengths": LENGTHS, "seed": 0},
+        "attention": {**MOA_SECTION, **moa},
+        "report_lengths": [256, 512],
+    }
+
+
+def test_candidate_rules_fit_every_length():
+    config = MoAConfig(sink=64, alpha_min=-2048, alpha_max=8192, alpha_step=1024)
+
+    rules = candidate_rules(config, [2048, 4096, 8192])
+
+    windows = [r.window_for_length(n) for r in rules if isinstance(r, WindowPattern) for n in (2048, 4096, 8192)]
+    assert isinstance(rules[-1], DensePattern) and len(rules) > 10
+    assert all(1 <= w for w in windows)
+    assert all(1 <= np.floor(r.alpha + r.beta * n) <= n for r in rules[:-1] for n in (2048, 4096, 8192))
+
+
+def test_config_errors_name_the_bad_value():
+    with pytest.raises(RecipeError, match="density must be in"):
+        parse_recipe(tiny_recipe(density=1.5))
+    with pytest.raises(RecipeError, match="beta_steps"):
+        parse_recipe(tiny_recipe(beta_steps=0))
+
+
+def test_search_holds_the_budget_at_every_length_and_ties_kv_groups():
+    rng = np.random.default_rng(0)
+    rules = candidate_rules(MoAConfig(sink=8, alpha_min=-64, alpha_max=256, alpha_step=32), LENGTHS)
+    loss = rng.exponential(size=(3, 4, len(rules), len(LENGTHS)))
+
+    heads, record = search_plan(loss, rules, LENGTHS, 0.4, [], group=2, max_rules_per_layer=2)
+
+    densities = [sum(p.density(n) for row in heads for p in row) / 12 for n in LENGTHS]
+    assert all(d <= 0.4 for d in densities), densities
+    assert all(row[0] == row[1] and row[2] == row[3] for row in heads)
+    assert all(len(set(map(repr, row))) <= 2 for row in heads)
+    assert record["status"] == "optimal"
+
+
+@pytest.fixture(scope="module")
+def moa_result(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    model.config.max_position_embeddings = 4096
+    recipe = parse_recipe(tiny_recipe())
+    ctx = CompressionContext(model=model, tokenizer=tokenizer, recipe=recipe, device=torch.device("cpu"))
+    result = METHODS[("attention", "moa")].run(ctx, recipe.attention)
+    return model, result
+
+
+def test_end_to_end_plan_meets_the_budget(moa_result):
+    model, result = moa_result
+
+    plan = plan_from_heads(model, result.heads)
+
+    assert all(plan.density(n) <= 0.6 + 1e-12 for n in LENGTHS)
+    assert any(isinstance(h, WindowPattern) for row in result.heads for h in row)
+
+
+def test_end_to_end_records_every_plan_and_the_choice(moa_result):
+    _, result = moa_result
+
+    plans = result.search["plans"]
+
+    assert len(plans) == 4  # 2 length weightings x 2 budgets
+    assert all(p["measured_loss"] is not None and p["budget"] <= 0.6 for p in plans)
+    best = min(p["measured_loss"] for p in plans)
+    assert plans[result.search["chosen"]]["measured_loss"] == best
+    assert result.search["scoring"]["length"] == 512 and result.search["scoring"]["unseen"]
+    assert set(result.calibration["dense_loss"]) == {str(n) for n in LENGTHS}
+
+
+def test_end_to_end_plan_round_trips_and_applies(moa_result):
+    model, result = moa_result
+    plan = plan_from_heads(model, result.heads)
+    plan.search = result.search
+
+    loaded = Plan.from_json(plan.to_json())
+    runtime.apply(model, loaded)
+    try:
+        logits = model(torch.randint(0, 100, (1, 300))).logits
+    finally:
+        runtime.remove(model)
+
+    assert [layer.attention.heads for layer in loaded.layers] == result.heads
+    assert torch.isfinite(logits).all()
+
+
+def test_compress_cli_with_a_moa_recipe(tiny_model_dir, tmp_path):
+    from compressor.cli import main
+
+    recipe = tmp_path / "moa-tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(length_powers=[0.0], density_scales=[1.0], score_length=0)))
+    out = tmp_path / "out"
+
+    code = main(["--model", str(tiny_model_dir), "--recipe", str(recipe), "--output", str(out), "--no-report"])
+
+    plan = Plan.load(out)
+    assert code == 0
+    assert plan.search["attention"]["plans"][0]["budget"] == 0.6
+    assert all(plan.density(n) <= 0.6 + 1e-12 for n in LENGTHS)
