@@ -315,7 +315,8 @@ class PlanCache(Cache):
             sliding = layer_sliding_window(module, config, idx)
             layers.append(PlanCacheLayer(runtime, layer_layout(runtime, kv_heads, max_length, sliding), batch_size, max_length))
         super().__init__(layers=layers)
-        self.max_batch_size, self.max_length, self.kv_heads = batch_size, max_length, kv_heads
+        # not `max_batch_size`/`max_cache_len`: transformers 5.17 defines those as read-only properties of Cache
+        self.sized_batch, self.sized_length, self.kv_heads = batch_size, max_length, kv_heads
 
     def nbytes(self) -> int:
         """Bytes held by the K/V buffers (allocated on the first forward)."""
@@ -324,7 +325,7 @@ class PlanCache(Cache):
     def ideal_nbytes(self, length: int, head_dim: int, dtype: torch.dtype) -> int:
         """Bytes of K and V that the plan needs at ``length`` for the sized batch: per KV head, sink + window."""
         tokens = sum(ideal_kv_tokens(layer.runtime, self.kv_heads, length, layer.layout.sliding) for layer in self.layers)
-        return 2 * tokens * self.max_batch_size * head_dim * torch.empty(0, dtype=dtype).element_size()
+        return 2 * tokens * self.sized_batch * head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:

@@ -213,9 +213,14 @@ def _dense_sdpa(query, key, value, rows: RowBounds, scaling, causal) -> torch.Te
     return out
 
 
-def _sparse(query, key, value, rows: RowBounds, sink, alpha, beta, scaling, causal, softcap) -> torch.Tensor:
-    """Per-head sink + window attention: the Triton kernel where it runs, the reference elsewhere."""
+def _sparse(query, key, value, rows: RowBounds, sink, alpha, beta, scaling, causal, softcap, quant=None) -> torch.Tensor:
+    """Per-head sink + window attention: the Triton kernel where it runs, the reference elsewhere; ``quant`` (a
+    layer's ``attention.quant``) routes it through the quantized kernels (compressor.kernels.sage_attention)."""
     kwargs = dict(sink=sink, alpha=alpha, beta=beta, kv_start=rows.start, kv_end=rows.end, causal=causal, scale=scaling)
+    if quant is not None and softcap is None:
+        from compressor.kernels import sage_attention
+
+        return sage_attention.attention(query, key, value, variant=quant["variant"], **kwargs)
     if softcap is None and query.is_cuda:
         from compressor.kernels import sparse_attention as fast
 
@@ -260,14 +265,16 @@ def compressor_attention(
         if out is not None:
             return out.transpose(1, 2).contiguous(), None
 
-    if layer.all_dense and not sliding and softcap is None:
+    # Quantized attention at prefill only: decode (one query) stays unquantized.
+    quant = layer.quant if layer.quant and layer.quant.get("variant", "bf16") != "bf16" and q_tokens > 1 else None
+    if layer.all_dense and not sliding and softcap is None and quant is None:
         out = _dense_sdpa(query, key, value, rows, scaling, causal)
     else:
         sink, alpha, beta = layer.params(query.device)
         if sliding:  # the model's own sliding window caps every head: never wider than it
             out = _capped_by_sliding_window(query, key, value, rows, sink, alpha, beta, int(sliding), scaling, causal, softcap)
         else:
-            out = _sparse(query, key, value, rows, sink, alpha, beta, scaling, causal, softcap)
+            out = _sparse(query, key, value, rows, sink, alpha, beta, scaling, causal, softcap, quant)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--ppl-samples", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the GPU runs the Triton kernels)")
     parser.add_argument("--profile-memory", type=int, nargs="*", help="only measure profiling memory at these lengths")
     parser.add_argument("--memory-json", default="", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="scripts/results/moa_smollm2_cpu.md")
@@ -113,9 +114,9 @@ def main() -> None:
     from compressor.recipe import load_recipe
 
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    model, tokenizer, _ = load_model("smollm2-135m", device="cpu", dtype="float32")
+    model, tokenizer, _ = load_model("smollm2-135m", device=args.device, dtype="float32")
     recipe = load_recipe(args.recipe)
-    ctx = CompressionContext(model=model, tokenizer=tokenizer, recipe=recipe, device=torch.device("cpu"))
+    ctx = CompressionContext(model=model, tokenizer=tokenizer, recipe=recipe, device=model.device)
 
     searches = {}
     for density in args.densities:
@@ -150,16 +151,16 @@ def main() -> None:
         density = {str(n): round(plan.density(n), 3) if plan is not None else 1.0 for n in args.lengths}
         results[name]["density"] = density
         print(name, json.dumps(results[name]), f"{time.perf_counter() - t0:.0f}s", flush=True)
-
-    write_report(args, started_at, searches, results, transformers.__version__)
+        write_report(args, started_at, searches, results, transformers.__version__)  # after each config: partial runs keep rows
 
 
 def write_report(args, started_at, searches, results, transformers_version) -> None:
     lines = [
-        "# MoA vs uniform window vs dense — SmolLM2-135M-Instruct, CPU",
+        f"# MoA vs uniform window vs dense — SmolLM2-135M-Instruct, {args.device.upper()}",
         "",
-        f"- date: {started_at}; machine: {platform.machine()} {platform.processor() or ''}, "
-        f"{torch.get_num_threads()} torch threads",
+        f"- date: {started_at}; machine: "
+        + (torch.cuda.get_device_name() if args.device.startswith("cuda") else
+           f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads"),
         f"- versions: torch {torch.__version__}, transformers {transformers_version}, python {platform.python_version()}",
         f"- command: `python scripts/eval_moa.py {' '.join(sys.argv[1:])}`",
         f"- retrieval: {args.samples} held-out samples per (task, length) cell, needle depths spread over 0..1; "

@@ -21,6 +21,11 @@ import torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--lengths", default="1024,2048", help="comma-separated evaluation lengths")
+    parser.add_argument("--samples", type=int, default=4, help="retrieval samples per task and length")
+    parser.add_argument("--ppl-samples", type=int, default=1)
+    parser.add_argument("--cal-samples", type=int, default=2)
     parser.add_argument("--out", default="scripts/results/xattention_smollm2_cpu.md")
     parser.add_argument("--coverage", type=float, default=0.95)
     args = parser.parse_args()
@@ -38,14 +43,14 @@ def main() -> None:
     from compressor.plan import Plan
     from compressor.recipe import parse_recipe
 
-    model, tokenizer, _ = load_model("smollm2-135m", "cpu", "float32")
-    lengths = [1024, 2048]
-    n_ppl, n_ret, n_cal = (1, 2, 1) if args.quick else (1, 4, 2)
+    model, tokenizer, _ = load_model("smollm2-135m", args.device, "float32")
+    lengths = [int(x) for x in args.lengths.split(",")]
+    n_ppl, n_ret, n_cal = (1, 2, 1) if args.quick else (args.ppl_samples, args.samples, args.cal_samples)
     attention = {"method": "xattention", "coverage": args.coverage, "stride": 8, "block_size": 64}
     recipe = parse_recipe({"name": "xattention-eval", "attention": attention,
                            "calibration": {"source": "corpus,passkey", "samples": n_cal, "lengths": [1024]}})
     config: XAttentionConfig = recipe.attention
-    ctx = CompressionContext(model, tokenizer, recipe, torch.device("cpu"), "smollm2-135m")
+    ctx = CompressionContext(model, tokenizer, recipe, model.device, "smollm2-135m")
     result = METHODS[("attention", "xattention")].run(ctx, config)
     calibrated = time.perf_counter()
     plan = Plan.dense(model)

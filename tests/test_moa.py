@@ -75,6 +75,18 @@ def moa_result(tiny_model_dir):
     return model, result
 
 
+def test_trade_off_points_below_what_the_rules_reach_are_skipped_not_fatal(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    recipe = parse_recipe(tiny_recipe(density_scales=[1.0, 0.01], length_powers=[0.0], score_length=0))
+    ctx = CompressionContext(model=model, tokenizer=tokenizer, recipe=recipe, device=torch.device("cpu"))
+
+    result = METHODS[("attention", "moa")].run(ctx, recipe.attention)
+
+    assert len(result.search["plans"]) == 1
+    assert [s["budget"] for s in result.search["skipped"]] == [pytest.approx(0.006)]
+
+
 def test_end_to_end_plan_meets_the_budget(moa_result):
     model, result = moa_result
 

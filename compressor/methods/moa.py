@@ -262,13 +262,21 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
     rules = candidate_rules(config, lengths)
     loss = estimated_loss(profiles, rules, config.influence)
     outcomes: list[SearchOutcome] = []
+    skipped: list[dict[str, object]] = []
     variants = [(p, s) for s in config.density_scales for p in config.length_powers]
     for power, scale in variants:
         weights = [round((n / max(lengths)) ** power, 6) for n in lengths]
-        heads, solver = search_plan(
-            loss, rules, lengths, scale * config.density, weights, group if tie else 1, config.max_rules_per_layer,
-            config.solver_time_limit, config.solver_gap,
-        )
+        try:
+            heads, solver = search_plan(
+                loss, rules, lengths, scale * config.density, weights, group if tie else 1,
+                config.max_rules_per_layer, config.solver_time_limit, config.solver_gap,
+            )
+        except CompressorError as err:
+            if scale == max(config.density_scales):  # the recipe's own budget: the user must hear of it
+                raise
+            # a tighter trade-off point below what the rules can reach: skip it, keep the others
+            skipped.append({"power": power, "budget": scale * config.density, "reason": str(err)})
+            continue
         estimated = {
             str(n): float(sum(loss[l, h, rules.index(p), k] for l, row in enumerate(heads) for h, p in enumerate(row)))
             for k, n in enumerate(lengths)
@@ -319,6 +327,7 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
         "influence": config.influence,
         "scoring": scoring,
         "plans": [o.record() for o in outcomes],
+        "skipped": skipped,
         "chosen": chosen,
     }
     return MethodResult(heads=outcomes[chosen].heads, calibration=calibration, search=search)

@@ -1,0 +1,204 @@
+"""The ``sage`` attention-quantization method: per layer, the fastest SageAttention variant that stays accurate.
+
+Calibration runs each calibration sample through the model once with a capturing attention function; for every
+layer it computes the float32 attention output of the captured q/k/v (dense causal, the model's own attention) and
+the output of each candidate variant (:mod:`compressor.kernels.sage_attention`: the Triton kernels on a GPU, their
+reference elsewhere), and records cosine similarity, relative L1 and RMSE. A layer gets the first variant of
+``variants`` (fastest first) whose cosine similarity is >= ``cos_min`` and relative L1 <= ``rel_l1_max`` on every
+sample (with ``per_head``: for every head, too), else ``bf16``. The plan's ``layers[i].attention.quant`` is
+``{"variant": ..., "errors": {variant: {"cos": worst, "rel_l1": worst, "rmse": worst}}}``.
+
+Quantized layers run through the sage kernels at prefill (compressor.runtime); decode stays unquantized.
+XAttention layers with a quant setting are handled here (a layer handler placed before XAttention's own).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from compressor import runtime
+from compressor.errors import CompressorError
+from compressor.kernels import sage_attention as sage
+from compressor.kernels.reference import sparse_attention_reference
+from compressor.methods.registry import CompressionContext, MethodResult, register_method
+from compressor.plan import ModelSignature
+
+CAPTURE_ATTENTION = "compressor-sage-capture"
+DEFAULT_VARIANTS = [v for v in sage.VARIANTS if v != "bf16"]  # fastest first
+
+
+@dataclass
+class SageConfig:
+    """Error bounds against float32 attention, candidate variants (fastest first), and whether the bound must hold
+    per head (True) or on the layer's whole output (False)."""
+
+    cos_min: float = 0.999
+    rel_l1_max: float = 0.02
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
+    per_head: bool = False
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.cos_min <= 1.0:
+            raise ValueError(f"cos_min must be in [-1, 1], got {self.cos_min}")
+        if not self.rel_l1_max >= 0.0:
+            raise ValueError(f"rel_l1_max must be >= 0, got {self.rel_l1_max}")
+        if not self.variants:
+            raise ValueError(f"variants must list at least one of {', '.join(sage.VARIANTS)}")
+        for v in self.variants:
+            sage.parse_variant(v)  # raises with the list of known variants
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Error metrics
+
+
+def attention_errors(out: torch.Tensor, ref: torch.Tensor, per_head: bool) -> dict[str, float]:
+    """Worst cosine similarity, relative L1 and RMSE of ``out`` against ``ref`` ([batch, heads, tokens, dim]),
+    over the whole tensor or (per_head) over heads."""
+    o, r = out.float(), ref.float()
+    dims = (0, 2, 3) if per_head else (0, 1, 2, 3)
+    cos = (o * r).sum(dims) / ((o * o).sum(dims) * (r * r).sum(dims)).sqrt().clamp(min=1e-30)
+    rel_l1 = (o - r).abs().sum(dims) / r.abs().sum(dims).clamp(min=1e-30)
+    rmse = (o - r).pow(2).mean(dims).sqrt()
+    return {"cos": float(cos.min()), "rel_l1": float(rel_l1.max()), "rmse": float(rmse.max())}
+
+
+def variant_errors(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variants: list[str], *, scale: float | None = None,
+    causal: bool = True, per_head: bool = False,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Errors of each variant against float32 attention. q: [batch, q_heads, tokens, dim]; k, v: [batch, kv_heads,
+    tokens, dim]. Float32 inputs are given to the variants in bfloat16 (what a served model feeds them)."""
+    ref = sparse_attention_reference(q.float(), k.float(), v.float(), causal=causal, scale=scale)
+    low = [x.to(torch.bfloat16) if x.dtype == torch.float32 else x for x in (q, k, v)]
+    return {name: attention_errors(sage.attention(*low, variant=name, causal=causal, scale=scale), ref, per_head)
+            for name in variants}
+
+
+def within_bound(errors: dict[str, float], config: SageConfig) -> bool:
+    """True when measured errors meet the config's bounds."""
+    return errors["cos"] >= config.cos_min and errors["rel_l1"] <= config.rel_l1_max
+
+
+def choose_variant(errors: dict[str, dict[str, float]], config: SageConfig) -> str:
+    """The first variant of ``config.variants`` within the bounds, else "bf16". errors: worst case per variant."""
+    for name in config.variants:
+        if name == "bf16" or within_bound(errors[name], config):
+            return name
+    return "bf16"
+
+
+def worst(a: dict[str, float] | None, b: dict[str, float]) -> dict[str, float]:
+    """Elementwise worst of two error records."""
+    if a is None:
+        return dict(b)
+    return {"cos": min(a["cos"], b["cos"]), "rel_l1": max(a["rel_l1"], b["rel_l1"]), "rmse": max(a["rmse"], b["rmse"])}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Capture: the model's own attention (SDPA) after handing q/k/v to a probe.
+
+
+def sage_capture(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Causal SDPA that first calls ``module.sage_probe(layer_idx, q, k, v, scale)``; one unpadded sequence."""
+    if kwargs.get("softcap") is not None or kwargs.get("sliding_window") or getattr(module, "sliding_window", None):
+        raise CompressorError("sage calibration supports plain causal attention (no softcap, no sliding window)")
+    probe = getattr(module, "sage_probe", None)
+    if probe is not None:
+        probe(module.layer_idx, query, key, value, scaling)
+    out = F.scaled_dot_product_attention(
+        query, key, value, is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(CAPTURE_ATTENTION, sage_capture)
+
+
+def calibrate(model: torch.nn.Module, input_ids: list[torch.Tensor], config: SageConfig) -> list[dict[str, dict[str, float]]]:
+    """Per layer: {variant: worst errors over the samples}."""
+    modules = runtime.attention_modules(model)
+    if not modules:
+        raise CompressorError(f"{type(model).__name__} has no attention modules with a layer_idx: cannot calibrate it")
+    layers: list[dict[str, Any]] = [{} for _ in range(ModelSignature.of(model).num_hidden_layers)]
+
+    def probe(idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> None:
+        errors = variant_errors(q, k, v, config.variants, scale=scale, per_head=config.per_head)
+        for name, e in errors.items():
+            layers[idx][name] = worst(layers[idx].get(name), e)
+
+    previous = model.config._attn_implementation
+    device = next(model.parameters()).device
+    try:
+        for module in modules.values():
+            module.sage_probe = probe
+        model.set_attn_implementation(CAPTURE_ATTENTION)
+        with torch.no_grad():
+            for ids in input_ids:
+                model(ids.to(device)[None], use_cache=False, logits_to_keep=1)
+    finally:
+        model.set_attn_implementation(previous)
+        for module in modules.values():
+            if hasattr(module, "sage_probe"):
+                del module.sage_probe
+    return layers
+
+
+def _rounded(errors: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {name: {m: round(x, 6) for m, x in e.items()} for name, e in errors.items()}
+
+
+@register_method("attention_quant", "sage", SageConfig)
+def sage_plan(ctx: CompressionContext, config: SageConfig) -> MethodResult:
+    """Pick each layer's fastest SageAttention variant within the error bounds on the calibration samples."""
+    started = time.perf_counter()
+    samples = [s.input_ids for s in ctx.calibration_samples]
+    errors = calibrate(ctx.model, samples, config)
+    quant = [{"variant": choose_variant(e, config), "errors": _rounded(e)} for e in errors]
+    chosen = [q["variant"] for q in quant]
+    search = {
+        "bounds": {"cos_min": config.cos_min, "rel_l1_max": config.rel_l1_max, "per_head": config.per_head},
+        "variants": list(config.variants),
+        "chosen": {name: chosen.count(name) for name in dict.fromkeys(chosen)},
+        "errors": [_rounded(e) for e in errors],
+    }
+    calibration = {"samples": len(samples), "lengths": sorted({int(s.numel()) for s in samples}),
+                   "seconds": round(time.perf_counter() - started, 2)}
+    return MethodResult(attention_quant=quant, calibration=calibration, search=search)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runtime: XAttention layers with a quant setting (block lists per input, then the quantized kernel).
+
+
+def sage_xattention_layer(module, query, key, value, rows, layer, scaling, causal, softcap) -> torch.Tensor | None:
+    """LAYER_HANDLERS entry: quantized block-sparse prefill for XAttention layers whose plan sets ``quant``."""
+    variant = (layer.quant or {}).get("variant", "bf16")
+    if variant == "bf16" or query.shape[2] <= 1 or softcap is not None or getattr(module, "sliding_window", None):
+        return None
+    from compressor.methods import xattention
+
+    if "xattention" not in layer.extra:
+        layer.extra["xattention"] = xattention.layer_thresholds(layer.extra.get("heads", []))
+    setting = layer.extra["xattention"]
+    if setting is None:
+        return None
+    from compressor.kernels.xattention_score import block_scores, select_blocks
+
+    tau, stride, block_size = setting
+    bounds = dict(kv_start=rows.start, kv_end=rows.end, causal=causal)
+    scores = block_scores(query, key, stride=stride, block_size=block_size, scale=scaling, **bounds)
+    index, count = select_blocks(scores, tau.to(query.device), q_tokens=query.shape[2], kv_tokens=key.shape[2],
+                                 block_size=block_size, **bounds)
+    sink, alpha, beta = layer.params(query.device)
+    return sage.attention(query, key, value, variant=variant, sink=sink, alpha=alpha, beta=beta, scale=scaling,
+                          block_index=index, block_count=count, block_size=block_size, **bounds)
+
+
+runtime.LAYER_HANDLERS.insert(0, sage_xattention_layer)
