@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from types import SimpleNamespace
 
 import torch
+
+from compressor.kernels.triton_support import interpreting, triton_available
 
 tl = None  # triton.language, bound by _triton_kernels() on first use
 
@@ -201,12 +202,9 @@ def _triton_kernels() -> SimpleNamespace:
 
     globals()["tl"] = triton.language
     return SimpleNamespace(
-        triton=triton, split=triton.jit(_decode_split), merge=triton.jit(_decode_merge), interpret=_interpreting()
+        triton=triton, split=triton.jit(_decode_split), merge=triton.jit(_decode_merge), interpret=interpreting()
     )
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)
@@ -296,9 +294,7 @@ def unsupported_reason(q: torch.Tensor, k_buf: torch.Tensor) -> str | None:
     """Why :func:`decode_attention` would run the reference instead of the kernel, or None."""
     if q.device.type != "cuda":
         return f"the tensors are on {q.device.type}, not CUDA"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if not triton_available():
         return "triton is not installed"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k_buf.dtype != q.dtype:
         return f"dtype {q.dtype} (cache {k_buf.dtype})"

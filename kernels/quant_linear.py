@@ -15,6 +15,8 @@ import warnings
 
 import torch
 
+from compressor.kernels.triton_support import triton_available
+
 from compressor.kernels.quant_activation import MAX_HADAMARD_BLOCK, quantize_activation
 from compressor.kernels.quant_reference import quant_linear_reference
 
@@ -32,9 +34,7 @@ def unsupported_reason(x: torch.Tensor, weight_q: torch.Tensor, act_dtype: str, 
     """Why the fast path cannot take these inputs, or None."""
     if not x.is_cuda:
         return "input is not on a CUDA device"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if not triton_available():
         return "triton is not installed"
     if act_dtype == "fp8" and torch.cuda.get_device_capability(x.device) < (8, 9):
         return f"fp8 needs compute capability >= 8.9, this GPU has {torch.cuda.get_device_capability(x.device)}"

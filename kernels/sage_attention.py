@@ -32,8 +32,13 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from compressor.kernels.triton_support import interpreting
+
 from . import sparse_attention as sa
 from .reference import block_list_allowed, dense_heads, visible_mask, window_sizes
+
+# helpers both kernels share (jitted in _triton_kernels()): row bounds + window, and the key-block ranges visited
+_row_window, _key_block_ranges = sa._row_window, sa._key_block_ranges
 
 VARIANTS = (
     "int8-qk/fp8-pv", "int8-qk/fp8-pv+qsmooth", "int8-qk/fp16-pv", "int8-qk/fp16-pv+qsmooth", "bf16",
@@ -404,17 +409,7 @@ def _sage_attention_fwd(
     h = pid_bh % q_heads
     kvh = h // GROUP
 
-    start_raw = tl.load(KvStart + b)
-    end_raw = tl.load(KvEnd + b)
-    kv_lo = tl.minimum(tl.maximum(start_raw, 0), kv_tokens)
-    kv_hi = tl.maximum(tl.minimum(end_raw, kv_tokens), kv_lo)
-    length = (end_raw - start_raw).to(tl.float32)
-    w = tl.load(Alpha + h) + tl.load(Beta + h) * length
-    not_finite = (w != w) | (w > 3.0e38) | (w < -3.0e38)
-    w = tl.where(not_finite | (w > length), length, w)
-    w = tl.minimum(tl.maximum(tl.math.floor(w), 1.0), length)
-    window = w.to(tl.int32)
-    sink_end = start_raw + tl.load(Sink + h)
+    kv_lo, kv_hi, window, sink_end = _row_window(KvStart, KvEnd, Alpha, Beta, Sink, b, h, kv_tokens)
 
     m0 = m_blk * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -442,32 +437,8 @@ def _sage_attention_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
     if LIST_BLOCK == 0:
-        # Block ranges exactly as in sparse_attention._sparse_attention_fwd (see the comments there).
-        win_lo = tl.maximum(first - window + 1, kv_lo)
-        full_lo = tl.maximum(last - window + 1, kv_lo)
-        if IS_CAUSAL:
-            win_hi = tl.minimum(last + 1, kv_hi)
-            full_hi = tl.minimum(first + 1, kv_hi)
-        else:
-            win_hi = tl.minimum(last + window, kv_hi)
-            full_hi = tl.minimum(first + window, kv_hi)
-        win_hi = tl.maximum(win_hi, win_lo)
-        full_hi = tl.maximum(full_hi, full_lo)
-        sink_hi = tl.minimum(sink_end, kv_hi)
-        if IS_CAUSAL:
-            sink_hi = tl.minimum(sink_hi, last + 1)
-        sink_hi = tl.maximum(sink_hi, kv_lo)
-        sink_lo_b = tl.where(sink_hi > kv_lo, (kv_lo // BLOCK_N) * BLOCK_N, 0)
-        sink_hi_b = tl.where(sink_hi > kv_lo, tl.cdiv(sink_hi, BLOCK_N) * BLOCK_N, 0)
-        win_lo_b = tl.where(win_hi > win_lo, (win_lo // BLOCK_N) * BLOCK_N, sink_hi_b)
-        win_hi_b = tl.where(win_hi > win_lo, tl.cdiv(win_hi, BLOCK_N) * BLOCK_N, sink_hi_b)
-        full_lo_b = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
-        full_hi_b = (full_hi // BLOCK_N) * BLOCK_N
-        no_full = full_hi_b <= full_lo_b
-        full_lo_b = tl.where(no_full, win_hi_b, full_lo_b)
-        full_hi_b = tl.where(no_full, win_hi_b, full_hi_b)
-        sink_stop = tl.minimum(sink_hi_b, win_lo_b)
-        win_hi_b = tl.maximum(win_hi_b, sink_hi_b)
+        sink_lo_b, sink_stop, win_lo_b, full_lo_b, full_hi_b, win_hi_b = _key_block_ranges(
+            first, last, window, kv_lo, kv_hi, sink_end, BLOCK_N, IS_CAUSAL)  # shared with sparse_attention
 
         acc, l_i, m_i = _attend_blocks_sage(
             acc, l_i, m_i, q, q_row_scale, q_mean, k_base, ks_base, v_base, stride_vn, stride_vd, q_pos,
@@ -518,9 +489,12 @@ def _triton_kernels() -> SimpleNamespace:
     module = globals()
     module["tl"] = triton.language
     module["_attend_blocks_sage"] = triton.jit(_attend_blocks_sage)
+    sa._triton_kernels()  # jits the helpers the two kernels share
+    module["_key_block_ranges"] = sa._key_block_ranges
+    module["_row_window"] = sa._row_window
     quant = triton.jit(_quantize_qkv_kernel)
     plain = triton.jit(_sage_attention_fwd)
-    return SimpleNamespace(triton=triton, quant=quant, plain=plain, interpret=sa._interpreting())
+    return SimpleNamespace(triton=triton, quant=quant, plain=plain, interpret=interpreting())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import warnings
 from types import SimpleNamespace
 
 import torch
+
+from compressor.kernels.triton_support import interpreting, triton_available
 
 from .reference import block_sparse_attention_reference, sparse_attention_reference
 
@@ -77,6 +78,58 @@ def _attend_blocks(
     return acc, l_i, m_i
 
 
+def _row_window(KvStart, KvEnd, Alpha, Beta, Sink, b, h, kv_tokens):
+    """Row b's valid keys [kv_lo, kv_hi), head h's window from the row length N (float32, as the reference does),
+    and the end of its sink."""
+    start_raw = tl.load(KvStart + b)
+    end_raw = tl.load(KvEnd + b)
+    kv_lo = tl.minimum(tl.maximum(start_raw, 0), kv_tokens)
+    kv_hi = tl.maximum(tl.minimum(end_raw, kv_tokens), kv_lo)
+    length = (end_raw - start_raw).to(tl.float32)
+    w = tl.load(Alpha + h) + tl.load(Beta + h) * length
+    not_finite = (w != w) | (w > 3.0e38) | (w < -3.0e38)
+    w = tl.where(not_finite | (w > length), length, w)
+    w = tl.minimum(tl.maximum(tl.math.floor(w), 1.0), length)
+    window = w.to(tl.int32)
+    sink_end = start_raw + tl.load(Sink + h)
+    return kv_lo, kv_hi, window, sink_end
+
+
+def _key_block_ranges(first, last, window, kv_lo, kv_hi, sink_end, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """Key-block ranges a query tile (rows at key positions first..last) visits, in order: sinks
+    [sink_lo_b, sink_stop), window edge [win_lo_b, full_lo_b), blocks every row sees unmasked [full_lo_b, full_hi_b),
+    window edge [full_hi_b, win_hi_b)."""
+    # Keys some row of the tile sees through the window, and keys every row sees (no mask needed there).
+    win_lo = tl.maximum(first - window + 1, kv_lo)
+    full_lo = tl.maximum(last - window + 1, kv_lo)
+    if IS_CAUSAL:
+        win_hi = tl.minimum(last + 1, kv_hi)
+        full_hi = tl.minimum(first + 1, kv_hi)
+    else:
+        win_hi = tl.minimum(last + window, kv_hi)
+        full_hi = tl.minimum(first + window, kv_hi)
+    win_hi = tl.maximum(win_hi, win_lo)
+    full_hi = tl.maximum(full_hi, full_lo)
+    sink_hi = tl.minimum(sink_end, kv_hi)
+    if IS_CAUSAL:
+        sink_hi = tl.minimum(sink_hi, last + 1)
+    sink_hi = tl.maximum(sink_hi, kv_lo)
+    # The same ranges in whole key blocks (every bound is >= 0 here, so // is a floor).
+    sink_lo_b = tl.where(sink_hi > kv_lo, (kv_lo // BLOCK_N) * BLOCK_N, 0)
+    sink_hi_b = tl.where(sink_hi > kv_lo, tl.cdiv(sink_hi, BLOCK_N) * BLOCK_N, 0)
+    win_lo_b = tl.where(win_hi > win_lo, (win_lo // BLOCK_N) * BLOCK_N, sink_hi_b)
+    win_hi_b = tl.where(win_hi > win_lo, tl.cdiv(win_hi, BLOCK_N) * BLOCK_N, sink_hi_b)
+    full_lo_b = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
+    full_hi_b = (full_hi // BLOCK_N) * BLOCK_N
+    no_full = full_hi_b <= full_lo_b
+    full_lo_b = tl.where(no_full, win_hi_b, full_lo_b)
+    full_hi_b = tl.where(no_full, win_hi_b, full_hi_b)
+    # Sink blocks before the window's first block; sink blocks reaching into or past the window extend it.
+    sink_stop = tl.minimum(sink_hi_b, win_lo_b)
+    win_hi_b = tl.maximum(win_hi_b, sink_hi_b)
+    return sink_lo_b, sink_stop, win_lo_b, full_lo_b, full_hi_b, win_hi_b
+
+
 def _sparse_attention_fwd(
     Q, K, V, O, Sink, Alpha, Beta, KvStart, KvEnd, BlockIndex, BlockCount,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -95,17 +148,7 @@ def _sparse_attention_fwd(
     kvh = h // GROUP
 
     # Row bounds and this head's window, from the row length N (as the reference does, in float32).
-    start_raw = tl.load(KvStart + b)
-    end_raw = tl.load(KvEnd + b)
-    kv_lo = tl.minimum(tl.maximum(start_raw, 0), kv_tokens)
-    kv_hi = tl.maximum(tl.minimum(end_raw, kv_tokens), kv_lo)
-    length = (end_raw - start_raw).to(tl.float32)
-    w = tl.load(Alpha + h) + tl.load(Beta + h) * length
-    not_finite = (w != w) | (w > 3.0e38) | (w < -3.0e38)
-    w = tl.where(not_finite | (w > length), length, w)
-    w = tl.minimum(tl.maximum(tl.math.floor(w), 1.0), length)
-    window = w.to(tl.int32)
-    sink_end = start_raw + tl.load(Sink + h)
+    kv_lo, kv_hi, window, sink_end = _row_window(KvStart, KvEnd, Alpha, Beta, Sink, b, h, kv_tokens)
 
     m0 = m_blk * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -125,34 +168,8 @@ def _sparse_attention_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
     if LIST_BLOCK == 0:
-        # Keys some row of the tile sees through the window, and keys every row sees (no mask needed there).
-        win_lo = tl.maximum(first - window + 1, kv_lo)
-        full_lo = tl.maximum(last - window + 1, kv_lo)
-        if IS_CAUSAL:
-            win_hi = tl.minimum(last + 1, kv_hi)
-            full_hi = tl.minimum(first + 1, kv_hi)
-        else:
-            win_hi = tl.minimum(last + window, kv_hi)
-            full_hi = tl.minimum(first + window, kv_hi)
-        win_hi = tl.maximum(win_hi, win_lo)
-        full_hi = tl.maximum(full_hi, full_lo)
-        sink_hi = tl.minimum(sink_end, kv_hi)
-        if IS_CAUSAL:
-            sink_hi = tl.minimum(sink_hi, last + 1)
-        sink_hi = tl.maximum(sink_hi, kv_lo)
-        # The same ranges in whole key blocks (every bound is >= 0 here, so // is a floor).
-        sink_lo_b = tl.where(sink_hi > kv_lo, (kv_lo // BLOCK_N) * BLOCK_N, 0)
-        sink_hi_b = tl.where(sink_hi > kv_lo, tl.cdiv(sink_hi, BLOCK_N) * BLOCK_N, 0)
-        win_lo_b = tl.where(win_hi > win_lo, (win_lo // BLOCK_N) * BLOCK_N, sink_hi_b)
-        win_hi_b = tl.where(win_hi > win_lo, tl.cdiv(win_hi, BLOCK_N) * BLOCK_N, sink_hi_b)
-        full_lo_b = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
-        full_hi_b = (full_hi // BLOCK_N) * BLOCK_N
-        no_full = full_hi_b <= full_lo_b
-        full_lo_b = tl.where(no_full, win_hi_b, full_lo_b)
-        full_hi_b = tl.where(no_full, win_hi_b, full_hi_b)
-        # Sink blocks before the window's first block; sink blocks reaching into or past the window extend it.
-        sink_stop = tl.minimum(sink_hi_b, win_lo_b)
-        win_hi_b = tl.maximum(win_hi_b, sink_hi_b)
+        sink_lo_b, sink_stop, win_lo_b, full_lo_b, full_hi_b, win_hi_b = _key_block_ranges(
+            first, last, window, kv_lo, kv_hi, sink_end, BLOCK_N, IS_CAUSAL)
 
         acc, l_i, m_i = _attend_blocks(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, sink_lo_b, sink_stop,
@@ -223,17 +240,16 @@ def _triton_kernels() -> SimpleNamespace:
     module = globals()
     module["tl"] = triton.language
     module["_attend_blocks"] = triton.jit(_attend_blocks)
+    module["_key_block_ranges"] = triton.jit(_key_block_ranges)
+    module["_row_window"] = triton.jit(_row_window)
     plain = triton.jit(do_not_specialize=["size_class", "pattern_class"])(_sparse_attention_fwd)
     tuned = triton.autotune(
         configs=_autotune_configs(triton),
         key=["HEAD_DIM", "IS_CAUSAL", "LIST_BLOCK", "size_class", "pattern_class"],
         prune_configs_by={"early_config_prune": _prune_configs},
     )(plain)
-    return SimpleNamespace(triton=triton, plain=plain, tuned=tuned, interpret=_interpreting())
+    return SimpleNamespace(triton=triton, plain=plain, tuned=tuned, interpret=interpreting())
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -394,18 +410,11 @@ def _size_class(q_tokens: int) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why :func:`attention` would not use the Triton kernel for these inputs, or None when it would."""
-    if not _triton_importable():
+    if not triton_available():
         return "triton is not installed"
     if q.device.type != "cuda":
         return f"the tensors are on {q.device.type}, not CUDA"

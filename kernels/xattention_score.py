@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from types import SimpleNamespace
 
 import torch
+
+from compressor.kernels.triton_support import interpreting, triton_available
 
 STRIDES = (4, 8, 16)
 BLOCK_SIZES = (64, 128)
@@ -322,7 +323,7 @@ def xattention_scores(
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     # at least 16 rows/cols for tl.dot; whole blocks per tile so the per-block sums stay inside one program
-    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    interpret = interpreting()
     small = interpret or q.dtype == torch.float32
     block_r = block_r or (max(16, tpb) if small else max(64, tpb))
     block_c = max(16, tpb) if small else max(64, tpb)
@@ -341,17 +342,10 @@ def xattention_scores(
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, **kwargs) -> torch.Tensor:
     """Block scores by the Triton kernel on CUDA when Triton is importable, else the reference."""
-    if q.is_cuda and _triton_importable():
+    if q.is_cuda and triton_available():
         return xattention_scores(q, k, **kwargs)
     return xattention_scores_reference(q, k, **kwargs)

@@ -1,0 +1,21 @@
+"""What every Triton kernel here asks before it runs: is Triton installed, and is its CPU interpreter on."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when ``import triton`` works (CUDA builds of torch bring it; CPU builds may not)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when TRITON_INTERPRET asks for Triton's CPU interpreter (read when kernels are first jitted)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
