@@ -26,7 +26,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from compressor.errors import CompressorError
 from compressor.kernels.decode_attention import decode_attention, slot_tokens
 from compressor.kernels.reference import window_sizes
-from compressor.runtime import LayerRuntime, attention_modules, warn_once
+from compressor.attention_layers import LayerRuntime, attention_modules, warn_once
 
 SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 

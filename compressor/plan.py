@@ -111,6 +111,35 @@ class WindowPattern(Pattern):
         return f"window(sink={self.sink}, {self.alpha:g}+{self.beta:g}N)"
 
 
+@register_pattern
+@dataclass(frozen=True)
+class XAttentionPattern(Pattern):
+    """Per input, key blocks by antidiagonal score until their share reaches ``tau``; ``expected_density``: the
+    block density measured at calibration (what plan summaries report; the real one depends on the input)."""
+
+    type: ClassVar[str] = "xattention"
+    tau: float
+    stride: int = 8
+    block_size: int = 128
+    expected_density: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.tau) <= 1.0:
+            raise ValueError(f"xattention tau must be in [0, 1], got {self.tau!r}")
+        if self.stride not in (4, 8, 16):
+            raise ValueError(f"xattention stride must be 4, 8 or 16, got {self.stride!r}")
+        if self.block_size not in (64, 128):
+            raise ValueError(f"xattention block_size must be 64 or 128, got {self.block_size!r}")
+        if not 0.0 <= float(self.expected_density) <= 1.0:
+            raise ValueError(f"xattention expected_density must be in [0, 1], got {self.expected_density!r}")
+
+    def density(self, length: int) -> float:
+        return float(self.expected_density)
+
+    def __repr__(self) -> str:
+        return f"xattention(tau={self.tau:.3g}, S={self.stride}, bs={self.block_size})"
+
+
 def causal_window_density(sink: int, window: int, length: int) -> float:
     """Share of the N(N+1)/2 causal entries that a sink + window head reads at length N (closed form)."""
     n, w, s = length, min(window, length), min(sink, length)
@@ -278,8 +307,6 @@ class Plan:
                 f"(it reads version {PLAN_VERSION}); re-run `compress` with this version"
             )
         validate_schema(data)
-        import compressor.methods  # noqa: F401  registers every method's pattern types (e.g. "xattention")
-
         layers = []
         for i, layer in enumerate(data["layers"]):
             att = layer["attention"]

@@ -8,8 +8,7 @@ padding mask (``[batch, total_tokens]``, linear in length) instead of a quadrati
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,65 +16,15 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from compressor.attention_layers import LayerRuntime, attention_modules, layer_runtime
+from compressor.cache import stop_plan_cache, use_plan_cache
 from compressor.errors import CompressorError
-from compressor.kernels.reference import DENSE_ALPHA, sparse_attention_reference
-from compressor.plan import DensePattern, Plan, WindowPattern
+from compressor.kernels.reference import sparse_attention_reference
+from compressor.plan import DensePattern, Plan
 
 ATTENTION_NAME = "compressor"
 
 
-@dataclass
-class LayerRuntime:
-    """What the attention function needs for one layer: per-query-head (sink, alpha, beta), and quant settings."""
-
-    layer_idx: int
-    sink: torch.Tensor  # [q_heads] int32
-    alpha: torch.Tensor  # [q_heads] float32, inf for dense heads
-    beta: torch.Tensor  # [q_heads] float32
-    all_dense: bool
-    quant: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # per-method data (e.g. XAttention thresholds)
-    _on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-
-    def params(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(sink, alpha, beta) on ``device``, moved once."""
-        if device not in self._on_device:
-            self._on_device[device] = (self.sink.to(device), self.alpha.to(device), self.beta.to(device))
-        return self._on_device[device]
-
-
-# Per-method hooks: a pattern type that the window parameters cannot express registers a layer handler here.
-# handler(module, query, key, value, rows, layer, scaling, causal, softcap) -> [batch, q_heads, q_tokens, dim] or None.
-LAYER_HANDLERS: list[Any] = []
-
-
-def layer_runtime(layer_idx: int, heads: list[Any], quant: dict[str, Any] | None) -> LayerRuntime:
-    """Convert one layer's patterns to kernel parameters."""
-    sink, alpha, beta = [], [], []
-    for head in heads:
-        if isinstance(head, WindowPattern):
-            sink.append(head.sink), alpha.append(float(head.alpha)), beta.append(float(head.beta))
-        else:  # dense, and pattern types that are dense outside their own handler (e.g. XAttention at decode)
-            sink.append(0), alpha.append(DENSE_ALPHA), beta.append(0.0)
-    return LayerRuntime(
-        layer_idx=layer_idx,
-        sink=torch.tensor(sink, dtype=torch.int32),
-        alpha=torch.tensor(alpha, dtype=torch.float32),
-        beta=torch.tensor(beta, dtype=torch.float32),
-        all_dense=all(isinstance(h, DensePattern) for h in heads),
-        quant=quant,
-        extra={"heads": heads},
-    )
-
-
-def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """The decoder's self-attention modules by layer index (modules with ``layer_idx`` and a q projection)."""
-    found: dict[int, torch.nn.Module] = {}
-    for name, module in model.named_modules():
-        idx = getattr(module, "layer_idx", None)
-        if isinstance(idx, int) and any(hasattr(module, p) for p in ("q_proj", "qkv_proj", "query")):
-            found.setdefault(idx, module)
-    return found
 
 
 def apply(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
@@ -98,8 +47,6 @@ def apply(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
         model.compressor_base_attention = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
     model.compression_plan = plan
-    from compressor.cache import use_plan_cache
-
     use_plan_cache(model)  # generate() builds a sink + window cache for plans with window heads
     return model
 
@@ -114,8 +61,6 @@ def remove(model: torch.nn.Module, attn_implementation: str | None = None) -> to
     model.set_attn_implementation(attn_implementation)
     if hasattr(model, "compression_plan"):
         del model.compression_plan
-    from compressor.cache import stop_plan_cache
-
     stop_plan_cache(model)
     return model
 
@@ -180,16 +125,6 @@ def row_bounds(mask: torch.Tensor | None, kv_tokens: int, batch: int, device: to
 # The attention function.
 
 
-_WARNED: set[str] = set()
-
-
-def warn_once(message: str) -> None:
-    """A warning shown once per process per message."""
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, stacklevel=3)
-
-
 def _dense_sdpa(query, key, value, rows: RowBounds, scaling, causal) -> torch.Tensor:
     """Dense attention through PyTorch SDPA (the model's own path), GQA without repeating K/V."""
     q_tokens, kv_tokens = query.shape[2], key.shape[2]
@@ -213,10 +148,18 @@ def _dense_sdpa(query, key, value, rows: RowBounds, scaling, causal) -> torch.Te
     return out
 
 
-def _sparse(query, key, value, rows: RowBounds, sink, alpha, beta, scaling, causal, softcap, quant=None) -> torch.Tensor:
-    """Per-head sink + window attention: the Triton kernel where it runs, the reference elsewhere; ``quant`` (a
-    layer's ``attention.quant``) routes it through the quantized kernels (compressor.kernels.sage_attention)."""
+def _sparse(
+    query, key, value, rows: RowBounds, sink, alpha, beta, scaling, causal, softcap, quant=None, blocks=None
+) -> torch.Tensor:
+    """Per-head sink + window attention (and per-input block lists, ``blocks``): the Triton kernel where it runs, the
+    reference elsewhere; ``quant`` (a layer's ``attention.quant``) routes it through the quantized kernels."""
     kwargs = dict(sink=sink, alpha=alpha, beta=beta, kv_start=rows.start, kv_end=rows.end, causal=causal, scale=scaling)
+    if blocks is not None:
+        kwargs.update(blocks)
+        if quant is None and not query.is_cuda:
+            from compressor.kernels.reference import block_sparse_attention_reference
+
+            return block_sparse_attention_reference(query, key, value, **kwargs)
     if quant is not None and softcap is None:
         from compressor.kernels import sage_attention
 
@@ -260,11 +203,6 @@ def compressor_attention(
     if layer is None:  # a layer the plan does not cover: dense
         layer = layer_runtime(getattr(module, "layer_idx", -1), [DensePattern()] * q_heads, None)
 
-    for handler in LAYER_HANDLERS:
-        out = handler(module, query, key, value, rows, layer, scaling, causal, softcap)
-        if out is not None:
-            return out.transpose(1, 2).contiguous(), None
-
     # Quantized attention at prefill only: decode (one query) stays unquantized.
     quant = layer.quant if layer.quant and layer.quant.get("variant", "bf16") != "bf16" and q_tokens > 1 else None
     if layer.all_dense and not sliding and softcap is None and quant is None:
@@ -274,8 +212,24 @@ def compressor_attention(
         if sliding:  # the model's own sliding window caps every head: never wider than it
             out = _capped_by_sliding_window(query, key, value, rows, sink, alpha, beta, int(sliding), scaling, causal, softcap)
         else:
-            out = _sparse(query, key, value, rows, sink, alpha, beta, scaling, causal, softcap, quant)
+            blocks = None
+            if layer.xattention is not None and q_tokens > 1 and softcap is None:  # decode stays dense
+                blocks = xattention_blocks(query, key, rows, layer, scaling, causal)
+            out = _sparse(query, key, value, rows, sink, alpha, beta, scaling, causal, softcap, quant, blocks)
     return out.transpose(1, 2).contiguous(), None
+
+
+def xattention_blocks(query, key, rows: RowBounds, layer: LayerRuntime, scaling, causal) -> dict[str, Any]:
+    """Per-input block lists of an XAttention layer: antidiagonal block scores, then per query-block row the best
+    blocks until each head's tau (on the device, no host round trip)."""
+    from compressor.kernels.xattention_score import block_scores, select_blocks
+
+    tau, stride, block_size = layer.xattention
+    bounds = dict(kv_start=rows.start, kv_end=rows.end, causal=causal)
+    scores = block_scores(query, key, stride=stride, block_size=block_size, scale=scaling, **bounds)
+    index, count = select_blocks(scores, tau.to(query.device), q_tokens=query.shape[2], kv_tokens=key.shape[2],
+                                 block_size=block_size, **bounds)
+    return {"block_index": index, "block_count": count, "block_size": block_size}
 
 
 def _capped_by_sliding_window(query, key, value, rows, sink, alpha, beta, sliding, scaling, causal, softcap):

@@ -1,6 +1,8 @@
 """The runtime on tiny random models of every supported family: dense plans reproduce the model, window plans
 match an explicit mask, padding, chunked prefill and generation work."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -151,3 +153,34 @@ def test_mask_with_holes_is_refused():
     mask[0, 4] = 0
     with pytest.raises(CompressorError, match="padding inside a sequence"):
         model(_ids(1, 10), attention_mask=mask)
+
+
+def test_a_fresh_process_reads_and_applies_every_pattern_type_without_importing_methods(tmp_path):
+    """Pattern types live in the plan and the runtime dispatches on them: nothing depends on a method module's import."""
+    import subprocess
+    import sys
+
+    from compressor.plan import XAttentionPattern
+
+    model = tiny_model("llama")
+    plan = Plan.dense(model)
+    plan.layers[0].attention.heads = [XAttentionPattern(tau=0.5, stride=4, block_size=64)] * 4
+    plan.layers[1].attention.heads = [WindowPattern(alpha=8.0, sink=2)] * 4
+    plan.save(tmp_path / "compression_plan.json")
+    code = f"""
+import sys, torch
+from compressor import runtime
+from compressor.plan import Plan
+from tests.conftest import tiny_model
+model = tiny_model("llama")
+runtime.apply(model, Plan.load({str(tmp_path)!r}))
+layers = runtime.attention_modules(model)
+assert layers[0].compressor_layer.xattention is not None and layers[1].compressor_layer.xattention is None
+with torch.no_grad():
+    model(torch.randint(0, 128, (1, 150)))
+assert "compressor.methods" not in sys.modules, "applying a plan imported the methods"
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=str(Path(__file__).resolve().parents[1]))
+    assert proc.stdout.strip().endswith("ok"), proc.stderr

@@ -173,32 +173,3 @@ def sage_plan(ctx: CompressionContext, config: SageConfig) -> MethodResult:
     return MethodResult(attention_quant=quant, calibration=calibration, search=search)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Runtime: XAttention layers with a quant setting (block lists per input, then the quantized kernel).
-
-
-def sage_xattention_layer(module, query, key, value, rows, layer, scaling, causal, softcap) -> torch.Tensor | None:
-    """LAYER_HANDLERS entry: quantized block-sparse prefill for XAttention layers whose plan sets ``quant``."""
-    variant = (layer.quant or {}).get("variant", "bf16")
-    if variant == "bf16" or query.shape[2] <= 1 or softcap is not None or getattr(module, "sliding_window", None):
-        return None
-    from compressor.methods import xattention
-
-    if "xattention" not in layer.extra:
-        layer.extra["xattention"] = xattention.layer_thresholds(layer.extra.get("heads", []))
-    setting = layer.extra["xattention"]
-    if setting is None:
-        return None
-    from compressor.kernels.xattention_score import block_scores, select_blocks
-
-    tau, stride, block_size = setting
-    bounds = dict(kv_start=rows.start, kv_end=rows.end, causal=causal)
-    scores = block_scores(query, key, stride=stride, block_size=block_size, scale=scaling, **bounds)
-    index, count = select_blocks(scores, tau.to(query.device), q_tokens=query.shape[2], kv_tokens=key.shape[2],
-                                 block_size=block_size, **bounds)
-    sink, alpha, beta = layer.params(query.device)
-    return sage.attention(query, key, value, variant=variant, sink=sink, alpha=alpha, beta=beta, scale=scaling,
-                          block_index=index, block_count=count, block_size=block_size, **bounds)
-
-
-runtime.LAYER_HANDLERS.insert(0, sage_xattention_layer)

@@ -27,45 +27,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 
-from compressor import runtime
-from compressor.errors import CompressorError
 from compressor.methods.registry import CompressionContext, MethodResult, register_method
-from compressor.plan import ModelSignature, Pattern, register_pattern
+from compressor.plan import ModelSignature, XAttentionPattern
 
 DEFAULT_GRID = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0]
-
-
-@register_pattern
-@dataclass(frozen=True)
-class XAttentionPattern(Pattern):
-    """Per input, key blocks by antidiagonal score until their share reaches ``tau``; ``expected_density``: the
-    block density measured at calibration (what plan summaries report; the real one depends on the input)."""
-
-    type: ClassVar[str] = "xattention"
-    tau: float
-    stride: int = 8
-    block_size: int = 128
-    expected_density: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= float(self.tau) <= 1.0:
-            raise ValueError(f"xattention tau must be in [0, 1], got {self.tau!r}")
-        if self.stride not in (4, 8, 16):
-            raise ValueError(f"xattention stride must be 4, 8 or 16, got {self.stride!r}")
-        if self.block_size not in (64, 128):
-            raise ValueError(f"xattention block_size must be 64 or 128, got {self.block_size!r}")
-        if not 0.0 <= float(self.expected_density) <= 1.0:
-            raise ValueError(f"xattention expected_density must be in [0, 1], got {self.expected_density!r}")
-
-    def density(self, length: int) -> float:
-        return float(self.expected_density)
-
-    def __repr__(self) -> str:
-        return f"xattention(tau={self.tau:.3g}, S={self.stride}, bs={self.block_size})"
 
 
 @dataclass
@@ -93,53 +61,6 @@ class XAttentionConfig:
             raise ValueError(f"tau_grid must be a non-empty list of values in [0, 1], got {self.tau_grid}")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Runtime: a layer handler computing block lists per input at prefill.
-
-
-def layer_thresholds(heads: list[Pattern]) -> tuple[torch.Tensor, int, int] | None:
-    """(tau per query head, stride, block size) of a layer holding xattention heads, else None. Non-xattention
-    heads get tau = 1 (every causal block)."""
-    xheads = [h for h in heads if isinstance(h, XAttentionPattern)]
-    if not xheads:
-        return None
-    shapes = {(h.stride, h.block_size) for h in xheads}
-    if len(shapes) > 1:
-        raise CompressorError(f"xattention heads of one layer must share stride and block_size, got {sorted(shapes)}")
-    stride, block_size = shapes.pop()
-    tau = torch.tensor([float(h.tau) if isinstance(h, XAttentionPattern) else 1.0 for h in heads], dtype=torch.float32)
-    return tau, stride, block_size
-
-
-def xattention_layer(module, query, key, value, rows, layer, scaling, causal, softcap) -> torch.Tensor | None:
-    """LAYER_HANDLERS entry: block-sparse attention from per-input block lists, or None (decode, other layers)."""
-    if query.shape[2] <= 1 or softcap is not None or getattr(module, "sliding_window", None):
-        return None
-    if "xattention" not in layer.extra:
-        layer.extra["xattention"] = layer_thresholds(layer.extra.get("heads", []))
-    setting = layer.extra["xattention"]
-    if setting is None:
-        return None
-    from compressor.kernels.reference import block_sparse_attention_reference
-    from compressor.kernels.xattention_score import block_scores, select_blocks
-
-    tau, stride, block_size = setting
-    q_tokens, kv_tokens = query.shape[2], key.shape[2]
-    bounds = dict(kv_start=rows.start, kv_end=rows.end, causal=causal)
-    scores = block_scores(query, key, stride=stride, block_size=block_size, scale=scaling, **bounds)
-    index, count = select_blocks(scores, tau.to(query.device), q_tokens=q_tokens, kv_tokens=kv_tokens,
-                                 block_size=block_size, **bounds)
-    sink, alpha, beta = layer.params(query.device)
-    kwargs = dict(sink=sink, alpha=alpha, beta=beta, scale=scaling, block_index=index, block_count=count,
-                  block_size=block_size, **bounds)
-    if query.is_cuda:
-        from compressor.kernels import sparse_attention as fast
-
-        return fast.attention(query, key, value, **kwargs)
-    return block_sparse_attention_reference(query, key, value, **kwargs)
-
-
-runtime.LAYER_HANDLERS.append(xattention_layer)
 
 
 # ---------------------------------------------------------------------------------------------------------------
