@@ -20,12 +20,13 @@ from compressor.plan import Plan
 NAMES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
-def tiny_llama(seed: int = 0) -> nn.Module:
+def tiny_llama(seed: int = 0, hidden: int = 256) -> nn.Module:
+    """``hidden=192`` mimics SmolLM2 (576 = 9 x 64): int4 groups of 128 do not fit the attention / gate / up inputs."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=64, vocab_size=512, tie_word_embeddings=True)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=512, num_hidden_layers=2, num_attention_heads=hidden // 64,
+                      num_key_value_heads=1 if hidden % 128 else 2, head_dim=64, vocab_size=512, tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         model.model.layers[0].input_layernorm.weight[:4] = 20.0  # outlier channels
@@ -149,6 +150,67 @@ def test_mixed_precision_respects_bit_budget(monkeypatch):
     chosen = plan.search["linear"]["chosen"]
     assert chosen["avg_bits"] <= 6.0 + 1e-6
     assert plan.search["linear"]["pareto"] and len(plan.search["linear"]["sensitivity"]["layers"]) == 14
+
+
+def test_int4_clip_search_lowers_weight_error_on_heavy_tails():
+    w = torch.distributions.StudentT(3.0).sample((64, 256))  # heavy tails: the group max stretches the int4 step
+    plain = ref.dequantize_weight(*ref.quantize_weight_int4_groups(w, 64), 64)
+    clipped = ref.dequantize_weight(*ref.quantize_weight_int4_groups(w, 64, [1.0, 0.9, 0.8, 0.7, 0.6]), 64)
+    assert (clipped - w).pow(2).sum() < 0.9 * (plain - w).pow(2).sum()
+
+
+def test_clip_search_is_planned_from_calibration_and_helps_w4a8():
+    model = tiny_llama()
+    want = model(IDS).logits
+    base = {"precision": "w4a8", "smooth": True, "rotate": True, "smooth_grid": [0.5, 0.7]}
+    plain = apply_linear_plan(copy.deepcopy(model), run_method(model, base))
+    plan = run_method(model, {**base, "clip_search": True})
+    clip = plan.layers[1].linear["mlp.down_proj"]["clip"]
+    assert len(clip["importance"]) == 512 and clip["grid"][0] == 1.0
+    clipped = apply_linear_plan(copy.deepcopy(model), plan)
+    assert cosine(clipped(IDS).logits, want) > cosine(plain(IDS).logits, want)
+
+
+def test_smoothing_search_models_the_rotated_layer_it_deploys():
+    from compressor.linear_quant.balance import quantized_output_error
+    from compressor.linear_quant.calibrate import collect_linear_inputs
+    from compressor.linear_quant.formats import precision
+
+    model = tiny_llama()
+    plan = run_method(model, {"precision": "w4a8", "smooth": True, "rotate": True, "smooth_grid": [0.5]})
+    down = plan.layers[1].linear["mlp.down_proj"]
+    name = "model.layers.1.mlp.down_proj"
+    rows = collect_linear_inputs(model, [name], [IDS[0], IDS[1]], 64)[name].rows
+    scales, w = torch.tensor(down["smooth"]["scales"]), model.get_submodule(name).weight
+    searched = quantized_output_error(rows, [w], precision("w4a8"), scales, 128)
+    deployed = apply_linear_plan(copy.deepcopy(model), plan).get_submodule(name)
+    want = rows @ w.t()
+    applied = float((deployed(rows / scales) - want).pow(2).sum() / want.pow(2).sum())  # up_proj divides by scales
+    assert deployed.hadamard_block == 128
+    assert applied == pytest.approx(searched, rel=1e-4)  # rotated once, on the side the search assumed
+
+
+def test_mixed_precision_budget_counts_the_bits_reported(monkeypatch):
+    from compressor.calibration.data import RetrievalSample
+    from compressor.linear_quant import method
+    from compressor.linear_quant.apply import average_weight_bits
+
+    answers = [RetrievalSample(IDS[0], 40, "", "passkey", 0.5, 48)]
+    monkeypatch.setattr(method, "sensitivity_data", lambda ctx, config: (IDS[:1, :32], answers))
+    model = tiny_llama(hidden=192)  # q/k/v/o/gate/up fall back to int4 groups of 64 (4.25 bits), down_proj keeps 128
+    plan = run_method(model, {"precision": "mixed", "budget": "bits", "budget_value": 5.0})
+    reported = average_weight_bits(model, plan)
+    assert plan.search["linear"]["chosen"]["avg_bits"] == pytest.approx(reported, abs=1e-4)
+    assert reported <= 5.0 + 1e-6
+
+
+def test_weight_bits_include_scales():
+    from compressor.linear_quant.formats import layer_weight_bits
+
+    assert layer_weight_bits("w4a8", 576) == 4.25  # falls back to groups of 64: one 16-bit scale per 64 weights
+    assert layer_weight_bits("w4a8", 1536) == 4.125
+    assert layer_weight_bits("w8a8-int8", 512) == 8.03125  # one 16-bit scale per output channel of 512 weights
+    assert layer_weight_bits("bf16", 576) == 16.0
 
 
 @pytest.mark.parametrize("mix", [["w8a8-int8"] * 7, ["w8a8-fp8"] * 7, ["w4a8"] * 7,

@@ -10,7 +10,7 @@ from torch import nn
 
 from compressor.errors import CompressorError
 from compressor.linear_quant.balance import fold_layer_balancing
-from compressor.linear_quant.formats import precision
+from compressor.linear_quant.formats import layer_weight_bits, precision
 from compressor.linear_quant.modules import QuantLinear
 
 APPLIED_FLAG = "compressor_linear_applied"
@@ -58,7 +58,8 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
 def quantize_modules(root: nn.Module, settings: dict[str, dict[str, Any]]) -> dict[str, nn.Module]:
     """Replace each ``nn.Linear`` named in ``settings`` (names relative to ``root``) by a QuantLinear.
 
-    Settings: ``precision`` (required), ``hadamard`` (online block, optional), ``input_scale`` (tensor, optional).
+    Settings: ``precision`` (required), ``hadamard`` (online block, optional), ``input_scale`` (tensor, optional),
+    ``clip`` (int4 scale search, optional).
     Layers whose precision is ``bf16`` are left as they are. Returns the new modules by name.
     """
     out = {}
@@ -71,7 +72,7 @@ def quantize_modules(root: nn.Module, settings: dict[str, dict[str, Any]]) -> di
             raise CompressorError(f"{name} is already quantized ({module.precision.name}); apply a plan to a dense model")
         if not isinstance(module, nn.Linear):
             raise CompressorError(f"{name} is a {type(module).__name__}, not an nn.Linear: cannot quantize it")
-        new = QuantLinear.from_linear(module, p.name, int(s.get("hadamard") or 0), s.get("input_scale"))
+        new = QuantLinear.from_linear(module, p.name, int(s.get("hadamard") or 0), s.get("input_scale"), s.get("clip"))
         _set_module(root, name, new)
         out[name] = new
     return out
@@ -117,6 +118,19 @@ def plan_precisions(model: nn.Module, plan: Any) -> dict[str, str]:
     for full, s in ((plan.linear or {}).get("modules") or {}).items():
         out[full] = s["precision"]
     return out
+
+
+def average_weight_bits(model: nn.Module, plan: Any) -> float:
+    """Parameter-weighted stored bits per weight (scales included) over every ``nn.Linear`` of the decoder layers,
+    at the precision the plan gives it (bf16 when it names none); ``model`` is the dense model."""
+    total = bits = 0.0
+    for (_, layer), layer_plan in zip(decoder_layers(model, len(plan.layers)), plan.layers):
+        for name, module in layer.named_modules():
+            if isinstance(module, nn.Linear):
+                prec = (layer_plan.linear or {}).get(name, {}).get("precision", "bf16")
+                total += module.weight.numel()
+                bits += module.weight.numel() * layer_weight_bits(prec, module.in_features)
+    return bits / total
 
 
 def check_applied(model: nn.Module, plan: Any) -> None:

@@ -4,6 +4,8 @@ A linear layer's settings in the plan may carry
 - ``smooth: {"alpha", "scales": [in], "fold": producer or None, "head_dim"?}``: ``W[:, j] *= s_j`` and the input is
   divided by ``s`` upstream: by the preceding RMSNorm's weight (shared by all its consumers), by the rows of the
   producing linear (``v_proj`` for ``o_proj``, ``up_proj`` for ``down_proj``), or explicitly at run time (fold None).
+- ``clip: {"grid": [ratios], "importance": [in]}``: int4 group scales searched over clipping ratios, each input
+  channel's weight error weighted by its mean squared (balanced, rotated) calibration input.
 - ``rotate: {"fold": "self_attn.v_proj", "block": head_dim}``: a per-head Hadamard folded into v_proj rows and
   o_proj columns (exact: attention mixes value vectors linearly per head); or ``{"online": block}``: the weight's
   columns are rotated offline and the input is rotated at run time (down_proj: after the SwiGLU nonlinearity).
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from compressor.errors import CompressorError
-from compressor.kernels.quant_reference import hadamard_block_for, hadamard_matrix, quant_linear_reference
+from compressor.kernels.quant_reference import hadamard_block_for, hadamard_matrix, hadamard_reference, quant_linear_reference
 from compressor.kernels.quant_reference import quantize_weight_int4_groups, quantize_weight_per_channel, dequantize_weight
 from compressor.linear_quant.formats import Precision
 
@@ -71,6 +73,8 @@ def fold_layer_balancing(layer: nn.Module, settings: dict[str, dict[str, Any]]) 
     for name, s in settings.items():
         lin = layer.get_submodule(name)
         rt: dict[str, Any] = {"precision": s["precision"]}
+        if s.get("clip"):
+            rt["clip"] = s["clip"]
         smooth = s.get("smooth")
         if smooth:
             scales = torch.tensor(smooth["scales"], dtype=torch.float32, device=lin.weight.device)
@@ -123,20 +127,30 @@ def smooth_scales(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: floa
     return s.clamp(1e-4, 1e4)
 
 
+def input_importance(x: torch.Tensor, scales: torch.Tensor | None, hadamard: int) -> torch.Tensor:
+    """Mean squared input per channel ``[in]`` of a layer fed ``x: [rows, in]`` balanced by ``scales`` and rotated."""
+    xs = x.float() if scales is None else x.float() / scales
+    if hadamard:
+        xs = hadamard_reference(xs, hadamard)
+    return xs.pow(2).mean(dim=0)
+
+
 def quantized_output_error(
-    x: torch.Tensor, weights: list[torch.Tensor], prec: Precision, scales: torch.Tensor | None, hadamard: int
+    x: torch.Tensor, weights: list[torch.Tensor], prec: Precision, scales: torch.Tensor | None, hadamard: int,
+    clip_grid: list[float] | None = None,
 ) -> float:
     """Relative squared error of the layer outputs when ``x: [rows, in]`` and each weight are balanced, rotated and
-    quantized at ``prec``, summed over the consumers."""
+    quantized at ``prec`` (int4 scales searched over ``clip_grid`` when given), summed over the consumers."""
     total = 0.0
     xs = x if scales is None else x / scales
+    imp = input_importance(x, scales, hadamard) if clip_grid and prec.weight == "int4" else None
     for w in weights:
         y_ref = x @ w.float().t()
         wb = w.float() if scales is None else w.float() * scales[None, :]
         if hadamard:
             wb = _rotate_columns(wb, hadamard)
         if prec.weight == "int4":
-            q, sc = quantize_weight_int4_groups(wb, prec.group_size)
+            q, sc = quantize_weight_int4_groups(wb, prec.group_size, clip_grid, imp)
         else:
             q, sc = quantize_weight_per_channel(wb, prec.weight)
         y = quant_linear_reference(xs, q, sc, None, prec.act, prec.group_size, hadamard, torch.float32)
@@ -152,6 +166,7 @@ def choose_smoothing(
     grid: list[float],
     hadamard: int = 0,
     head_groups: tuple[int, int] | None = None,
+    clip_grid: list[float] | None = None,
 ) -> tuple[float | None, torch.Tensor | None, dict[str, float]]:
     """The smoothing strength in ``grid`` (or none) with the lowest quantized-output error on the rows ``x``.
 
@@ -164,11 +179,11 @@ def choose_smoothing(
         g, d = head_groups
         tie = lambda v: v.reshape(-1, g, d).amax(dim=1, keepdim=True).expand(-1, g, d).reshape(-1)  # noqa: E731
         w_amax, a_amax = tie(w_amax), tie(a_amax)
-    errors = {"none": quantized_output_error(x, weights, prec, None, hadamard)}
+    errors = {"none": quantized_output_error(x, weights, prec, None, hadamard, clip_grid)}
     best: tuple[float, float | None, torch.Tensor | None] = (errors["none"], None, None)
     for alpha in grid:
         s = smooth_scales(a_amax, w_amax, alpha)
-        err = quantized_output_error(x, weights, prec, s, hadamard)
+        err = quantized_output_error(x, weights, prec, s, hadamard, clip_grid)
         errors[f"{alpha:g}"] = err
         if err < best[0]:
             best = (err, alpha, s)

@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.linear_quant.balance import NORM_CONSUMERS, PRODUCERS, _find, _foldable_norm, choose_smoothing, online_block
+from compressor.linear_quant.balance import (
+    NORM_CONSUMERS, PRODUCERS, _find, _foldable_norm, choose_smoothing, input_importance, online_block,
+)
 from compressor.linear_quant.formats import Precision, precision
 
 
@@ -94,11 +96,14 @@ def layer_balance_settings(
     rotate_online: list[str],
     max_block: int = 128,
     balance_precision: str | None = None,
+    clip_grid: list[float] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Per-module plan settings of one layer (precision, smooth, rotate) and the calibration record.
 
     ``precisions`` maps relative module names to precision names; ``stats`` is keyed by full names
     (``layer_name + "." + relative``). Smoothing is calibrated at ``balance_precision`` (default: each group's lowest).
+    With ``clip_grid``, every quantized layer gets ``clip`` settings: int4 group scales searched over the grid, weighted
+    by the mean squared input each channel sees (after its smoothing and rotation), and the smoothing search sees them.
     """
     settings: dict[str, dict[str, Any]] = {n: {"precision": p} for n, p in precisions.items()}
     record: dict[str, Any] = {}
@@ -115,7 +120,7 @@ def layer_balance_settings(
                 rotations[name] = {"fold": PRODUCERS[name], "block": min(head_dim, max_block)}
             elif any(re.search(p, name) for p in rotate_online):
                 rotations[name] = {"online": online_block(lin.in_features, max_block)}
-    if smooth:
+    if smooth or clip_grid:
         for fold, members in balance_groups(layer, list(precisions)):
             quantized = [m for m in members if m in precisions and precision(precisions[m]).quantized]
             if not quantized:
@@ -129,8 +134,15 @@ def layer_balance_settings(
             hadamard = int(rot.get("online") or rot.get("block") or 0)
             ties = geometry if (fold and fold.endswith("v_proj") and geometry and geometry[0] > 1) else None
             weights = [layer.get_submodule(m).weight for m in members]
-            alpha, scales, errors = choose_smoothing(stats[key].rows, stats[key].amax, weights, prec, grid, hadamard, ties)
-            record[members[0] if len(members) == 1 else (fold or members[0])] = {"alpha": alpha, "errors": errors}
+            alpha, scales, errors = choose_smoothing(
+                stats[key].rows, stats[key].amax, weights, prec, grid if smooth else [], hadamard, ties, clip_grid
+            )
+            if smooth:
+                record[members[0] if len(members) == 1 else (fold or members[0])] = {"alpha": alpha, "errors": errors}
+            if clip_grid:
+                importance = [float(v) for v in input_importance(stats[key].rows, scales, hadamard).tolist()]
+                for m in quantized:
+                    settings[m]["clip"] = {"grid": list(clip_grid), "importance": importance}
             if alpha is None:
                 continue
             for m in members:

@@ -8,6 +8,9 @@ from typing import Any
 from compressor.errors import CompressorError, did_you_mean
 
 
+SCALE_BITS = 16.0  # bits counted per stored weight scale
+
+
 @dataclass(frozen=True)
 class Precision:
     """One linear-layer precision. ``weight``/``act``: 'int8', 'fp8', 'int4' or None (kept in the model's dtype)."""
@@ -23,13 +26,14 @@ class Precision:
     def quantized(self) -> bool:
         return self.weight is not None
 
-    def weight_bits(self) -> float:
-        """Average stored bits per weight, scales included (fp32 scale per channel is negligible per element)."""
+    def weight_bits(self, in_features: int | None = None) -> float:
+        """Average stored bits per weight, scales included: one 16-bit scale (bf16, as compressed-tensors / vLLM store
+        them) per int4 group, or per output channel (``in_features`` weights; ignored when None) for 8-bit weights."""
         if self.weight is None:
             return 16.0
         if self.weight == "int4":
-            return 4.0 + 16.0 / self.group_size  # bf16-sized scale per group, as vLLM stores it
-        return 8.0
+            return 4.0 + SCALE_BITS / self.group_size
+        return 8.0 + (SCALE_BITS / in_features if in_features else 0.0)
 
     def ct_scheme(self, targets: list[str]) -> dict[str, Any]:
         """The compressed-tensors ``config_groups`` entry for this precision."""
@@ -94,3 +98,10 @@ def fitting_precision(name: str, in_features: int) -> str:
         if other.weight == "int4" and in_features % other.group_size == 0:
             return other.name
     return "w8a8-int8"
+
+
+def layer_weight_bits(name: str, in_features: int) -> float:
+    """Stored bits per weight of a linear layer with ``in_features`` inputs planned at ``name``, scales included,
+    after :func:`fitting_precision` (SmolLM2's 576 inputs get int4 groups of 64): the one count the mixed-precision
+    budget and the reports share."""
+    return precision(fitting_precision(name, in_features)).weight_bits(in_features)

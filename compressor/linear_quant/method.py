@@ -35,6 +35,8 @@ class LinearQuantConfig:
     rotate: bool = False
     rotate_online: list[str] = field(default_factory=lambda: [r"down_proj$"])
     rotate_block: int = 128
+    clip_search: bool = False  # int4 group scales: search clipping ratios on calibration inputs (AWQ-style)
+    clip_grid: list[float] = field(default_factory=lambda: [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6])
     calibration_rows: int = 256
     candidates: list[str] = field(default_factory=lambda: ["bf16", "w8a8-int8", "w4a8"])
     budget: Literal["bits", "memory", "latency"] = "bits"
@@ -57,6 +59,8 @@ class LinearQuantConfig:
             raise ValueError(f"rotate_block must be a power of two >= 2, got {self.rotate_block}")
         if not all(0.0 <= a <= 1.0 for a in self.smooth_grid):
             raise ValueError(f"smooth_grid values must lie in [0, 1], got {self.smooth_grid}")
+        if not self.clip_grid or not all(0.0 < r <= 1.0 for r in self.clip_grid):
+            raise ValueError(f"clip_grid needs ratios in (0, 1], got {self.clip_grid}")
 
     def used_precisions(self) -> list[str]:
         return self.candidates if self.precision == "mixed" else [self.precision]
@@ -92,7 +96,7 @@ def linear_quant_plan(ctx: CompressionContext, config: LinearQuantConfig) -> Met
     outside = sorted(chosen - inside)
 
     stats = {}
-    if config.smooth:
+    if config.smooth or config.clip_search:
         names = []
         for (lname, layer), d in zip(layers, per_layer):
             names += [f"{lname}.{members[0]}" for _, members in balance_groups(layer, list(d))]
@@ -102,7 +106,7 @@ def linear_quant_plan(ctx: CompressionContext, config: LinearQuantConfig) -> Met
     for i, ((lname, layer), d) in enumerate(zip(layers, per_layer)):
         s, rec = layer_balance_settings(
             layer, lname, d, stats, config.smooth, config.smooth_grid, config.rotate, config.rotate_online,
-            config.rotate_block,
+            config.rotate_block, clip_grid=config.clip_grid if config.clip_search else None,
         )
         settings.append(s)
         records[str(i)] = rec

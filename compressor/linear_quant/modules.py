@@ -60,26 +60,31 @@ class QuantLinear(nn.Module):
     # -- construction -----------------------------------------------------------------------------------------
     @staticmethod
     def from_linear(
-        linear: nn.Linear, precision_name: str, hadamard_block: int = 0, input_scale: torch.Tensor | None = None
+        linear: nn.Linear, precision_name: str, hadamard_block: int = 0, input_scale: torch.Tensor | None = None,
+        clip: dict | None = None,
     ) -> QuantLinear:
-        """Quantize ``linear`` (whose weight is already balanced and rotated) into a new QuantLinear."""
+        """Quantize ``linear`` (whose weight is already balanced and rotated) into a new QuantLinear; ``clip``:
+        ``{"grid": [ratios], "importance": [in] or None}`` searches int4 group scales (8-bit weights ignore it)."""
         w = linear.weight.detach()
         module = QuantLinear(
             linear.in_features, linear.out_features, precision_name, linear.bias is not None, hadamard_block,
             input_scale is not None, dtype=w.dtype, device=w.device,
         )
-        module.set_weight(w)
+        module.set_weight(w, clip)
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
         if input_scale is not None:
             module.input_scale.data.copy_(input_scale)
         return module
 
-    def set_weight(self, weight: torch.Tensor) -> None:
-        """Quantize a float weight ``[out, in]`` into this module's buffers."""
+    def set_weight(self, weight: torch.Tensor, clip: dict | None = None) -> None:
+        """Quantize a float weight ``[out, in]`` into this module's buffers (``clip``: see :meth:`from_linear`)."""
         p = self.precision
         if p.weight == "int4":
-            q, scale = ref.quantize_weight_int4_groups(weight, p.group_size)
+            grid = (clip or {}).get("grid")
+            imp = (clip or {}).get("importance")
+            imp = torch.as_tensor(imp, dtype=torch.float32, device=weight.device) if imp is not None else None
+            q, scale = ref.quantize_weight_int4_groups(weight, p.group_size, grid, imp)
             self.weight_packed.copy_(ref.pack_int4(q))
             self.weight_scale.copy_(scale)
         else:

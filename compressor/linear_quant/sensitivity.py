@@ -27,16 +27,20 @@ class Sensitivity:
     precisions: list[str]
     kl: np.ndarray  # [items, precisions]
     answer: np.ndarray  # [items, precisions]
+    in_features: list[int] | None = None  # per item; decides the int4 group that fits and the per-channel scale cost
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "precisions": self.precisions,
             "layers": [
-                {"layer": i, "module": m, "params": p,
+                {"layer": i, "module": m, "params": p, "in_features": self._in_features()[k],
                  "kl": [round(float(v), 6) for v in self.kl[k]], "answer_loss": [round(float(v), 6) for v in self.answer[k]]}
                 for k, ((i, m), p) in enumerate(zip(self.items, self.params))
             ],
         }
+
+    def _in_features(self) -> list[int]:
+        return self.in_features or [0] * len(self.items)
 
 
 def _settings_alone(settings: dict[str, dict[str, Any]], module: str, prec: str) -> dict[str, dict[str, Any]]:
@@ -80,15 +84,15 @@ def measure_sensitivity(
     dense_lp = text_logprobs()
     dense_answer = answer_loss() if answers else 0.0
     items = [(i, m) for i, layer_settings in enumerate(settings) for m in layer_settings]
-    params, kl, ans = [], np.zeros((len(items), len(precisions))), np.zeros((len(items), len(precisions)))
+    params, in_features, kl, ans = [], [], np.zeros((len(items), len(precisions))), np.zeros((len(items), len(precisions)))
     for k, (i, m) in enumerate(items):
         original = layer_list[i]
         params.append(original.get_submodule(m).weight.numel())
-        in_features = original.get_submodule(m).in_features
+        in_features.append(original.get_submodule(m).in_features)
         for c, name in enumerate(precisions):
             if not precision(name).quantized:
                 continue
-            prec = fitting_precision(name, in_features)
+            prec = fitting_precision(name, in_features[-1])
             trial = copy.deepcopy(original)
             quantize_modules(trial, fold_layer_balancing(trial, _settings_alone(settings[i], m, prec)))
             layer_list[i] = trial
@@ -98,7 +102,7 @@ def measure_sensitivity(
                 ans[k, c] = max(0.0, answer_loss() - dense_answer) if answers else 0.0
             finally:
                 layer_list[i] = original
-    return Sensitivity(items, params, precisions, kl, ans)
+    return Sensitivity(items, params, precisions, kl, ans, in_features)
 
 
 def precision_costs(sens: Sensitivity) -> tuple[np.ndarray, np.ndarray]:
@@ -113,16 +117,16 @@ def precision_costs(sens: Sensitivity) -> tuple[np.ndarray, np.ndarray]:
 
 
 def budget_weights(sens: Sensitivity, budget: str) -> tuple[np.ndarray, float]:
-    """Per item and precision the budget load (``bits``: weight bits; ``memory``: bytes; ``latency``: predicted
-    relative time), and the load of the all-bf16 model (the unit of ``budget_value`` for memory and latency)."""
+    """Per item and precision the budget load (``bits``: stored weight bits, scales included; ``memory``: bytes;
+    ``latency``: predicted relative time), and the load of the all-bf16 model (the unit of ``budget_value`` for memory
+    and latency). Each item is costed at the precision it will really get (:func:`fitting_precision`), so the bits
+    the solver sums are the bits :func:`compressor.linear_quant.apply.average_weight_bits` reports."""
     p = np.array(sens.params, dtype=np.float64)[:, None]
-    if budget == "bits":
-        per = np.array([precision(n).weight_bits() for n in sens.precisions])[None, :]
-        return p * per / p.sum(), 16.0
-    if budget == "memory":
-        per = np.array([precision(n).weight_bits() / 16.0 for n in sens.precisions])[None, :]
-    else:
-        per = np.array([precision(n).relative_latency for n in sens.precisions])[None, :]
+    fit = [[fitting_precision(n, f) if f else n for n in sens.precisions] for f in sens._in_features()]
+    if budget in ("bits", "memory"):
+        per = np.array([[precision(n).weight_bits(f or None) for n in row] for row, f in zip(fit, sens._in_features())])
+        return (p * per / p.sum(), 16.0) if budget == "bits" else (p * per / 16.0 / p.sum(), 1.0)
+    per = np.array([[precision(n).relative_latency for n in row] for row in fit])
     return p * per / p.sum(), 1.0
 
 
