@@ -89,7 +89,7 @@ def compress(
     timings: dict[str, float] = {}
     log(f"loading {source.name} ({source.kind}: {source.folder}{'/' + source.gguf_file if source.gguf_file else ''})")
     net, tokenizer, _ = load_model(source, device, dtype)
-    timings["load"] = time.perf_counter() - started
+    timings["load"] = round(time.perf_counter() - started, 2)
     check_lengths(net, parsed.calibration.lengths, "calibration.lengths")
     torch.manual_seed(parsed.calibration.seed)
     ctx = CompressionContext(model=net, tokenizer=tokenizer, recipe=parsed, device=net.device, model_name=source.name)
@@ -110,6 +110,8 @@ def compress(
         "seconds": timings,
     }
     plan = build_plan(net, parsed, results, provenance)
+    if source.kind == "gguf":  # the config only knows the unpacked GGUF's folder: name the model as the user did
+        plan.model.name_or_path = f"{source.name} ({source.gguf_file})"
     if output is None:
         return plan, None
     out = save_compressed(net, tokenizer, plan, output, overwrite)

@@ -39,3 +39,10 @@ def test_dense_plan_gives_identical_logits_on_the_real_model(smollm2):
         finally:
             runtime.remove(model)
     assert torch.equal(got, want)
+
+
+def test_plan_names_the_embedded_model_as_the_user_did():
+    plan, _ = compressor.compress("smollm2-135m", "dense", None, device="cpu", report=False, log=lambda m: None)
+    assert plan.model.name_or_path.startswith("smollm2-135m (") and plan.model.name_or_path.endswith(".gguf)")
+    assert isinstance(plan.calibration["seconds"]["load"], float) and plan.calibration["seconds"]["load"] == round(
+        plan.calibration["seconds"]["load"], 2)
