@@ -38,7 +38,7 @@ from . import sparse_attention as sa
 from .reference import block_list_allowed, dense_heads, visible_mask, window_sizes
 
 # helpers both kernels share (jitted in _triton_kernels()): row bounds + window, and the key-block ranges visited
-_row_window, _key_block_ranges = sa._row_window, sa._key_block_ranges
+_row_window, _key_block_ranges, _listed_block_range = sa._row_window, sa._key_block_ranges, sa._listed_block_range
 
 VARIANTS = (
     "int8-qk/fp8-pv", "int8-qk/fp8-pv+qsmooth", "int8-qk/fp16-pv", "int8-qk/fp16-pv+qsmooth", "bf16",
@@ -462,11 +462,7 @@ def _sage_attention_fwd(
         index_base = BlockIndex + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + q_blk * stride_im
         kv_lo_b = (kv_lo // BLOCK_N) * BLOCK_N
         for c in range(0, count):
-            j = tl.load(index_base + c)
-            lo = tl.maximum(j * LIST_BLOCK, kv_lo_b)
-            hi = tl.minimum(j * LIST_BLOCK + LIST_BLOCK, kv_hi)
-            if IS_CAUSAL:
-                hi = tl.minimum(hi, last + 1)
+            lo, hi = _listed_block_range(index_base, c, kv_lo_b, kv_hi, last, LIST_BLOCK, IS_CAUSAL)
             acc, l_i, m_i = _attend_blocks_sage(
                 acc, l_i, m_i, q, q_row_scale, q_mean, k_base, ks_base, v_base, stride_vn, stride_vd, q_pos,
                 lo, hi, kv_lo, kv_hi, sink_end, window, HEAD_DIM, BLOCK_N, True, IS_CAUSAL, QSMOOTH, PV_FP8,
@@ -492,6 +488,7 @@ def _triton_kernels() -> SimpleNamespace:
     sa._triton_kernels()  # jits the helpers the two kernels share
     module["_key_block_ranges"] = sa._key_block_ranges
     module["_row_window"] = sa._row_window
+    module["_listed_block_range"] = sa._listed_block_range
     quant = triton.jit(_quantize_qkv_kernel)
     plain = triton.jit(_sage_attention_fwd)
     return SimpleNamespace(triton=triton, quant=quant, plain=plain, interpret=interpreting())

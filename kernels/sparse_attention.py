@@ -130,6 +130,16 @@ def _key_block_ranges(first, last, window, kv_lo, kv_hi, sink_end, BLOCK_N: tl.c
     return sink_lo_b, sink_stop, win_lo_b, full_lo_b, full_hi_b, win_hi_b
 
 
+def _listed_block_range(index_base, c, kv_lo_b, kv_hi, last, LIST_BLOCK: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """Keys [lo, hi) of the c-th listed key block, clipped to the row's valid (and causal) range."""
+    j = tl.load(index_base + c)
+    lo = tl.maximum(j * LIST_BLOCK, kv_lo_b)
+    hi = tl.minimum(j * LIST_BLOCK + LIST_BLOCK, kv_hi)
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, last + 1)
+    return lo, hi
+
+
 def _sparse_attention_fwd(
     Q, K, V, O, Sink, Alpha, Beta, KvStart, KvEnd, BlockIndex, BlockCount,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -194,11 +204,7 @@ def _sparse_attention_fwd(
         index_base = BlockIndex + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + q_blk * stride_im
         kv_lo_b = (kv_lo // BLOCK_N) * BLOCK_N
         for c in range(0, count):
-            j = tl.load(index_base + c)
-            lo = tl.maximum(j * LIST_BLOCK, kv_lo_b)
-            hi = tl.minimum(j * LIST_BLOCK + LIST_BLOCK, kv_hi)
-            if IS_CAUSAL:
-                hi = tl.minimum(hi, last + 1)
+            lo, hi = _listed_block_range(index_base, c, kv_lo_b, kv_hi, last, LIST_BLOCK, IS_CAUSAL)
             acc, l_i, m_i = _attend_blocks(
                 acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, lo, hi,
                 kv_lo, kv_hi, sink_end, window, qk_scale, HEAD_DIM, BLOCK_N, True, IS_CAUSAL, DOT_PRECISION,
@@ -242,6 +248,7 @@ def _triton_kernels() -> SimpleNamespace:
     module["_attend_blocks"] = triton.jit(_attend_blocks)
     module["_key_block_ranges"] = triton.jit(_key_block_ranges)
     module["_row_window"] = triton.jit(_row_window)
+    module["_listed_block_range"] = triton.jit(_listed_block_range)
     plain = triton.jit(do_not_specialize=["size_class", "pattern_class"])(_sparse_attention_fwd)
     tuned = triton.autotune(
         configs=_autotune_configs(triton),
