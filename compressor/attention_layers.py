@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from compressor.kernels.reference import DENSE_ALPHA
 from compressor.errors import CompressorError
+from compressor.kernels.reference import DENSE_ALPHA
 from compressor.plan import DensePattern, Pattern, WindowPattern, XAttentionPattern
 
 
@@ -25,7 +25,6 @@ class LayerRuntime:
     all_dense: bool
     quant: dict[str, Any] | None = None
     xattention: tuple[torch.Tensor, int, int] | None = None  # (tau per query head, stride, block size)
-    extra: dict[str, Any] = field(default_factory=dict)
     _on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def params(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -41,7 +40,7 @@ def layer_runtime(layer_idx: int, heads: list[Any], quant: dict[str, Any] | None
     for head in heads:
         if isinstance(head, WindowPattern):
             sink.append(head.sink), alpha.append(float(head.alpha)), beta.append(float(head.beta))
-        else:  # dense, and pattern types that are dense outside their own handler (e.g. XAttention at decode)
+        else:  # dense; XAttention heads are dense here, their block lists come per input (and decode is dense)
             sink.append(0), alpha.append(DENSE_ALPHA), beta.append(0.0)
     return LayerRuntime(
         layer_idx=layer_idx,
@@ -51,7 +50,6 @@ def layer_runtime(layer_idx: int, heads: list[Any], quant: dict[str, Any] | None
         all_dense=all(isinstance(h, DensePattern) for h in heads),
         quant=quant,
         xattention=xattention_thresholds(heads),
-        extra={"heads": heads},
     )
 
 

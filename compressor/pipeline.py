@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import os
 import platform
 import time
@@ -115,7 +114,7 @@ def compress(
     if output is None:
         return plan, None
     out = save_compressed(net, tokenizer, plan, output, overwrite)
-    if report and importlib.util.find_spec("compressor.report") is not None:
+    if report:
         from compressor.report import write_report
 
         write_report(out)

@@ -25,8 +25,6 @@ from compressor.plan import DensePattern, Plan
 ATTENTION_NAME = "compressor"
 
 
-
-
 def apply(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
     """Apply ``plan`` to ``model`` in place (attention patterns, attention and linear quantization); returns it."""
     plan.check_against(model)

@@ -20,7 +20,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from compressor.kernels.sparse_attention import sparse_attention
 from compressor.kernels.xattention_score import (
-    kept_counts,
     rank_blocks,
     select_blocks,
     visible_blocks,

@@ -34,7 +34,7 @@ def main() -> None:
     from compressor.linear_quant.apply import average_weight_bits
     from compressor.methods import METHODS, CompressionContext, MethodResult
     from compressor.models import load_model
-    from compressor.pipeline import build_plan, software_versions
+    from compressor.pipeline import build_plan
     from compressor.recipe import parse_recipe
 
     model, tokenizer, _ = load_model("smollm2-135m", "cpu", "float32")
