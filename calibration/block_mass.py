@@ -1,7 +1,7 @@
 """True attention mass per block, and how much of it XAttention's block selection keeps (for threshold calibration).
 
-A capturing attention function runs the model's attention normally (SDPA, causal) and hands each layer's q/k to
-a probe; the probe computes the exact softmax chunk by chunk (one query block at a time: memory linear in N),
+The shared probe (``compressor.calibration.probe``) runs the model's attention normally and hands each layer's
+q/k to the probe computes the exact softmax chunk by chunk (one query block at a time: memory linear in N),
 sums it per (query block, key block), and compares it with the antidiagonal estimate's selection at given
 thresholds. Nothing N x N is kept.
 """
@@ -13,43 +13,11 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 
-from compressor.errors import CompressorError
+from compressor.calibration import probe as probes
 from compressor.kernels.xattention_score import block_scores, kept_counts, rank_blocks, visible_blocks
 
-CAPTURE_ATTENTION = "compressor-block-mass"
-
 Probe = Callable[[int, torch.Tensor, torch.Tensor, float], None]  # (layer_idx, q, k, scale)
-
-
-def block_mass_capture(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs: object,
-) -> tuple[torch.Tensor, None]:
-    """Causal SDPA that first calls ``module.block_mass_probe(layer_idx, q, k, scale)``.
-    query: [1, q_heads, tokens, dim]; key/value: [1, kv_heads, tokens, dim]."""
-    if kwargs.get("softcap") is not None or kwargs.get("sliding_window") or getattr(module, "sliding_window", None):
-        raise CompressorError("XAttention calibration supports plain causal attention (no softcap, no sliding window)")
-    if query.shape[0] != 1:
-        raise CompressorError(f"XAttention calibration runs one unpadded sequence at a time, got batch {query.shape[0]}")
-    scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
-    probe = getattr(module, "block_mass_probe", None)
-    if probe is not None:
-        probe(module.layer_idx, query, key, scale)
-    out = F.scaled_dot_product_attention(
-        query, key, value, is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
-    )
-    return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(CAPTURE_ATTENTION, block_mass_capture)
 
 
 def true_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
@@ -118,22 +86,9 @@ def layer_ranking(q: torch.Tensor, k: torch.Tensor, scale: float, stride: int, b
 
 
 def run_probed(model: torch.nn.Module, input_ids: torch.Tensor, probe: Probe) -> None:
-    """One forward of ``input_ids`` ([tokens]) with ``probe`` called on every layer's q/k."""
-    from compressor.runtime import attention_modules
+    """One forward of ``input_ids`` ([tokens]) with ``probe`` called on every layer's q/k and softmax scale."""
 
-    modules = attention_modules(model)
-    if not modules:
-        raise CompressorError(f"{type(model).__name__} has no attention modules with a layer_idx: cannot calibrate it")
-    previous = model.config._attn_implementation
-    device = next(model.parameters()).device
-    try:
-        for module in modules.values():
-            module.block_mass_probe = probe
-        model.set_attn_implementation(CAPTURE_ATTENTION)
-        with torch.no_grad():
-            model(input_ids.to(device)[None], use_cache=False, logits_to_keep=1)
-    finally:
-        model.set_attn_implementation(previous)
-        for module in modules.values():
-            if hasattr(module, "block_mass_probe"):
-                del module.block_mass_probe
+    def qk_probe(idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None) -> None:
+        probe(idx, q, k, q.shape[-1] ** -0.5 if scaling is None else float(scaling))
+
+    probes.run_probed(model, [input_ids], qk_probe, "XAttention calibration")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from compressor.calibration.data import RetrievalSample
+from compressor.calibration.probe import require_plain_causal
 from compressor.errors import CompressorError
 
 PROFILE_ATTENTION = "compressor_influence"
@@ -143,11 +144,7 @@ def capturing_attention(
 ) -> tuple[torch.Tensor, None]:
     """Causal attention through SDPA that stores (q, k, v, output) on ``module.influence_capture`` and retains the
     output's gradient. query: [batch, q_heads, tokens, dim]; key/value: [batch, kv_heads, tokens, dim] (GQA)."""
-    if kwargs.get("softcap") is not None or kwargs.get("sliding_window") or getattr(module, "sliding_window", None):
-        raise CompressorError(
-            "influence profiling supports plain causal attention (Llama-style); this model uses a softcap or a "
-            "sliding window in its attention"
-        )
+    require_plain_causal(module, kwargs, "influence profiling")
     if query.shape[0] != 1 or (attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all())):
         raise CompressorError("influence profiling runs one unpadded sequence at a time")
     group = query.shape[1] // key.shape[1]
@@ -167,7 +164,7 @@ AttentionInterface.register(PROFILE_ATTENTION, capturing_attention)
 
 
 def _attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    from compressor.runtime import attention_modules
+    from compressor.attention_layers import attention_modules
 
     modules = attention_modules(model)
     if not modules:

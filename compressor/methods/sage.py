@@ -19,17 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from transformers import AttentionInterface
 
-from compressor import runtime
-from compressor.errors import CompressorError
+from compressor.calibration.probe import run_probed
 from compressor.kernels import sage_attention as sage
 from compressor.kernels.reference import sparse_attention_reference
 from compressor.methods.registry import CompressionContext, MethodResult, register_method
 from compressor.plan import ModelSignature
 
-CAPTURE_ATTENTION = "compressor-sage-capture"
 DEFAULT_VARIANTS = [v for v in sage.VARIANTS if v != "bf16"]  # fastest first
 
 
@@ -101,31 +97,8 @@ def worst(a: dict[str, float] | None, b: dict[str, float]) -> dict[str, float]:
     return {"cos": min(a["cos"], b["cos"]), "rel_l1": max(a["rel_l1"], b["rel_l1"]), "rmse": max(a["rmse"], b["rmse"])}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Capture: the model's own attention (SDPA) after handing q/k/v to a probe.
-
-
-def sage_capture(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Causal SDPA that first calls ``module.sage_probe(layer_idx, q, k, v, scale)``; one unpadded sequence."""
-    if kwargs.get("softcap") is not None or kwargs.get("sliding_window") or getattr(module, "sliding_window", None):
-        raise CompressorError("sage calibration supports plain causal attention (no softcap, no sliding window)")
-    probe = getattr(module, "sage_probe", None)
-    if probe is not None:
-        probe(module.layer_idx, query, key, value, scaling)
-    out = F.scaled_dot_product_attention(
-        query, key, value, is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
-    )
-    return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(CAPTURE_ATTENTION, sage_capture)
-
-
 def calibrate(model: torch.nn.Module, input_ids: list[torch.Tensor], config: SageConfig) -> list[dict[str, dict[str, float]]]:
     """Per layer: {variant: worst errors over the samples}."""
-    modules = runtime.attention_modules(model)
-    if not modules:
-        raise CompressorError(f"{type(model).__name__} has no attention modules with a layer_idx: cannot calibrate it")
     layers: list[dict[str, Any]] = [{} for _ in range(ModelSignature.of(model).num_hidden_layers)]
 
     def probe(idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> None:
@@ -133,20 +106,7 @@ def calibrate(model: torch.nn.Module, input_ids: list[torch.Tensor], config: Sag
         for name, e in errors.items():
             layers[idx][name] = worst(layers[idx].get(name), e)
 
-    previous = model.config._attn_implementation
-    device = next(model.parameters()).device
-    try:
-        for module in modules.values():
-            module.sage_probe = probe
-        model.set_attn_implementation(CAPTURE_ATTENTION)
-        with torch.no_grad():
-            for ids in input_ids:
-                model(ids.to(device)[None], use_cache=False, logits_to_keep=1)
-    finally:
-        model.set_attn_implementation(previous)
-        for module in modules.values():
-            if hasattr(module, "sage_probe"):
-                del module.sage_probe
+    run_probed(model, input_ids, probe, "sage calibration")
     return layers
 
 
