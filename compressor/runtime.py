@@ -80,11 +80,40 @@ def padding_mask(
     """Bool ``[batch, kv_offset + kv_length]``: which of all tokens so far are real (True) or padding (False)."""
     total = int(kv_offset) + int(kv_length)
     if attention_mask is None:
-        return torch.ones(batch_size, total, dtype=torch.bool, device=device)
-    mask = attention_mask.to(dtype=torch.bool)
-    if mask.shape[-1] < total:  # static caches: slots not written yet are padding
-        mask = F.pad(mask, (0, total - mask.shape[-1]), value=False)
-    return mask[:, :total]
+        mask = torch.ones(batch_size, total, dtype=torch.bool, device=device)
+    else:
+        mask = attention_mask.to(dtype=torch.bool)
+        if mask.shape[-1] < total:  # static caches: slots not written yet are padding
+            mask = F.pad(mask, (0, total - mask.shape[-1]), value=False)
+        mask = mask[:, :total]
+    # Every layer of this forward gets this mask: measure its rows once here, not (with host syncs) in each layer.
+    mask.compressor_rows = mask_rows(mask)
+    return mask
+
+
+@dataclass
+class MaskRows:
+    """Per batch row of a 2D padding mask, in positions over all tokens so far: real tokens ``[first, last)``."""
+
+    first: torch.Tensor  # [batch] int64
+    last: torch.Tensor  # [batch] int64
+    count: torch.Tensor  # [batch] int64, real tokens of the row (the N of window(N))
+    padded: bool
+
+
+def mask_rows(mask: torch.Tensor) -> MaskRows:
+    """Each row's real-token range; refuses masks with holes (padding that is neither left nor right)."""
+    total = mask.shape[-1]
+    idx = torch.arange(total, device=mask.device)
+    count = mask.sum(dim=-1)
+    first = torch.where(mask, idx, total).amin(dim=-1)
+    last = torch.where(mask, idx, -1).amax(dim=-1) + 1
+    if bool((count > 0).all()) and not bool((last - first == count).all()):
+        raise CompressorError(
+            "the attention mask has padding inside a sequence (not only at its start or end); compressor's "
+            "attention supports left or right padding only"
+        )
+    return MaskRows(first, last, count, not bool(mask.all()))
 
 
 @dataclass
@@ -98,25 +127,16 @@ class RowBounds:
 
 
 def row_bounds(mask: torch.Tensor | None, kv_tokens: int, batch: int, device: torch.device) -> RowBounds:
-    """Valid key range per row from the 2D padding mask; refuses masks with holes (not left/right padding)."""
+    """Valid key range per row, in the key tensor's coordinates, from the 2D padding mask (its rows measured once
+    per forward by :func:`padding_mask`; measured here for a mask that comes from elsewhere)."""
     if mask is None:
         full = torch.full((batch,), kv_tokens, dtype=torch.int64, device=device)
         return RowBounds(torch.zeros_like(full), full, full, False)
-    total = mask.shape[-1]
-    offset = total - kv_tokens  # keys are the last kv_tokens of all tokens (sliding caches drop older ones)
-    idx = torch.arange(total, device=mask.device)
-    count = mask.sum(dim=-1)
-    first = torch.where(mask, idx, total).amin(dim=-1)
-    last = torch.where(mask, idx, -1).amax(dim=-1) + 1
-    if bool((count > 0).all()) and not bool((last - first == count).all()):
-        raise CompressorError(
-            "the attention mask has padding inside a sequence (not only at its start or end); compressor's "
-            "attention supports left or right padding only"
-        )
-    start = (first - offset).clamp(min=0)
-    end = (last - offset).clamp(min=0)
-    padded = not bool(mask.all())
-    return RowBounds(start.to(device), end.to(device), count.to(device), padded)
+    rows = getattr(mask, "compressor_rows", None) or mask_rows(mask)
+    offset = mask.shape[-1] - kv_tokens  # keys are the last kv_tokens of all tokens (sliding caches drop older ones)
+    start = (rows.first - offset).clamp(min=0)
+    end = (rows.last - offset).clamp(min=0)
+    return RowBounds(start.to(device), end.to(device), rows.count.to(device), rows.padded)
 
 
 # ---------------------------------------------------------------------------------------------------------------

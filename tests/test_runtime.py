@@ -184,3 +184,16 @@ print("ok")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=str(Path(__file__).resolve().parents[1]))
     assert proc.stdout.strip().endswith("ok"), proc.stderr
+
+
+def test_padding_rows_are_measured_once_per_forward_not_per_layer(monkeypatch):
+    model = tiny_model("llama")  # 2 layers
+    runtime.apply(model, _window_plan(model, WindowPattern(alpha=3.0, sink=1)))
+    calls = []
+    measure = runtime.mask_rows
+    monkeypatch.setattr(runtime, "mask_rows", lambda mask: calls.append(1) or measure(mask))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        model(_ids(2, 20), attention_mask=mask)
+    assert len(calls) == 1
