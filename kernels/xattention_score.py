@@ -11,6 +11,13 @@ Layout conventions are those of ``reference.py``: q: [batch, q_heads, q_tokens, 
 kv_tokens, dim] (GQA by grouping, K never repeated), queries are the last q_tokens keys, valid keys per row are
 [kv_start, kv_end); tokens outside that range count as zero vectors. Imports nothing else of compressor; Triton
 is imported lazily.
+
+The Triton scoring kernel makes one pass over Q.K: it is a GEMM of the reshaped queries [tiles, S*d] (query
+tokens read in reverse by index arithmetic, no copy) with the reshaped keys, one pipelined loop of S*d/BLOCK_K
+steps per key chunk. Per row it keeps the online softmax max and sum and writes, per key block, the block's
+partial log-sum-exp to a float32 scratch buffer; once the row's final log-sum-exp is known the same program
+reads its scratch rows back (hot in L2) and sums them into block scores. Query heads of one GQA group are
+stacked in the rows of a tile so that a K tile loaded once serves all of them.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from compressor.kernels.triton_support import interpreting, triton_available
 
 STRIDES = (4, 8, 16)
 BLOCK_SIZES = (64, 128)
+SCRATCH_BYTES = 512 << 20  # default bound of the scoring kernel's float32 scratch (heads are chunked to fit)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int) -> None:
@@ -44,6 +52,15 @@ def _bounds(batch: int, kv_tokens: int, kv_start, kv_end, device) -> tuple[torch
     start = torch.zeros(batch, dtype=torch.int64, device=device) if kv_start is None else kv_start.to(device, torch.int64)
     end = torch.full((batch,), kv_tokens, dtype=torch.int64, device=device) if kv_end is None else kv_end.to(device, torch.int64)
     return start, end
+
+
+def _bounds_int32(batch: int, kv_tokens: int, kv_start, kv_end, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, end) as contiguous int32 [batch] for the kernels, in as few launches as possible."""
+    def as_int32(x, fill):
+        if x is None:
+            return torch.full((batch,), fill, dtype=torch.int32, device=device)
+        return x.to(device, torch.int32).contiguous()
+    return as_int32(kv_start, 0), as_int32(kv_end, kv_tokens)
 
 
 def _tiles(x: torch.Tensor, offset: int, stride: int, start: torch.Tensor, end: torch.Tensor, reverse: bool) -> torch.Tensor:
@@ -159,18 +176,24 @@ def rank_blocks(
     return order, exclusive, frc.sum(-1), vis.sum(-1)
 
 
+def _tau_rows(tau: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """tau as float32 with three dims: [heads] -> [1, heads, 1]; broadcastable to [batch, heads, n_qb]."""
+    tau = tau.to(device, torch.float32)
+    while tau.dim() < 3:
+        tau = tau[None] if tau.dim() < 2 else tau[..., None]
+    return tau
+
+
 def kept_counts(exclusive: torch.Tensor, n_forced: torch.Tensor, n_visible: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """How many leading sorted blocks each row keeps: those whose preceding share is < tau (all visible ones at
     tau >= 1), at least the forced ones. tau: [heads] (or broadcastable to [batch, heads, n_qb])."""
-    tau = tau.to(exclusive.device, torch.float32)
-    while tau.dim() < 3:
-        tau = tau[None] if tau.dim() < 2 else tau[..., None]
+    tau = _tau_rows(tau, exclusive.device)
     need = (exclusive < tau[..., None]).sum(-1)
     need = torch.where(tau >= 1.0, n_visible, need)
     return torch.minimum(torch.maximum(need, n_forced), n_visible)
 
 
-def select_blocks(
+def select_blocks_reference(
     scores: torch.Tensor,
     tau: torch.Tensor,
     *,
@@ -181,11 +204,7 @@ def select_blocks(
     kv_end: torch.Tensor | None = None,
     causal: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block lists from block scores, on the scores' device (no host round trip).
-
-    scores: [batch, heads, n_qb, n_kb]; tau: [heads]. Returns (block_index int32 [batch, heads, n_qb, n_kb], kept
-    indices first in ascending order, then padding; block_count int32 [batch, heads, n_qb]).
-    """
+    """:func:`select_blocks` in PyTorch ops (the spec of the Triton selection kernel; used off the GPU)."""
     batch, heads, n_qb, n_kb = scores.shape
     visible, forced = visible_blocks(batch, q_tokens, kv_tokens, block_size, kv_start, kv_end, causal, scores.device)
     order, exclusive, n_forced, n_visible = rank_blocks(scores, visible, forced)
@@ -197,88 +216,234 @@ def select_blocks(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Triton kernel
+# Triton kernels (plain Python until _kernels() wraps them with triton.jit and binds `tl`)
 
 
 tl = None  # triton.language, bound by _kernels() on first use so that this module imports without Triton
 
 
-def _tile_scores(q_ptr, k_ptr, rows, cols, d_off, d_ok, start, end, q_offset, q_tokens, kv_tokens,
-                 stride_qt, stride_kt, STRIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                 DOT_FP32: tl.constexpr):
-    """Antidiagonal sums [BLOCK_R, BLOCK_C]: sum over t of q[rows*S + S-1-t] . k[cols*S + t] (invalid tokens 0)."""
-    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    for t in tl.static_range(STRIDE):
-        q_pos = rows * STRIDE + (STRIDE - 1 - t)
-        q_ok = (q_pos < q_tokens) & (q_pos + q_offset >= start) & (q_pos + q_offset < end)
-        k_pos = cols * STRIDE + t
-        k_ok = (k_pos >= start) & (k_pos < end) & (k_pos < kv_tokens)
-        qv = tl.load(q_ptr + q_pos[:, None] * stride_qt + d_off[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-        kv = tl.load(k_ptr + k_pos[None, :] * stride_kt + d_off[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        if DOT_FP32:  # the CPU interpreter (bf16 is wrong there) and float32 inputs: exact float32 products
-            acc += tl.dot(qv.to(tl.float32), kv.to(tl.float32), input_precision="ieee")
+def _antidiagonal_dot(q_row, k_col, q_a, q_b, k_a, k_b, stride_qt, stride_kt,
+                      STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, MASKED: tl.constexpr, DOT_IEEE: tl.constexpr):
+    """[BLOCK_M, BLOCK_C] float32: sum over t of q[row*S + S-1-t] . k[col*S + t], one K-loop of S*d/BLOCK_K steps.
+
+    q_row: pointers to each row's query at t = 0 (its last token); k_col: to each key tile's first token. MASKED
+    zeroes tokens outside the valid ranges: q at t valid iff q_a >= t > q_b, k at t iff k_a >= -t > k_b."""
+    D_STEPS: tl.constexpr = BLOCK_D // BLOCK_K
+    dk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for step in range(STRIDE * D_STEPS):
+        t = step // D_STEPS
+        d = (step % D_STEPS) * BLOCK_K + dk
+        q_ptrs = q_row[:, None] + (d[None, :] - t * stride_qt)
+        k_ptrs = k_col[:, None] + (d[None, :] + t * stride_kt)
+        if MASKED:
+            q_ok = ((q_a >= t) & (q_b < t))[:, None]
+            k_ok = ((k_a >= -t) & (k_b < -t))[:, None]
+            if HEAD_DIM < BLOCK_D:
+                q_ok = q_ok & (d < HEAD_DIM)[None, :]
+                k_ok = k_ok & (d < HEAD_DIM)[None, :]
+            qv = tl.load(q_ptrs, mask=q_ok, other=0.0)
+            kv = tl.load(k_ptrs, mask=k_ok, other=0.0)
+        elif HEAD_DIM < BLOCK_D:
+            qv = tl.load(q_ptrs, mask=(d < HEAD_DIM)[None, :], other=0.0)
+            kv = tl.load(k_ptrs, mask=(d < HEAD_DIM)[None, :], other=0.0)
+        else:
+            qv = tl.load(q_ptrs)
+            kv = tl.load(k_ptrs)
+        if DOT_IEEE:  # float32 inputs and the CPU interpreter (bf16 is wrong there): exact float32 products
+            acc = tl.dot(qv.to(tl.float32), tl.trans(kv.to(tl.float32)), acc, input_precision="ieee")
         else:  # tensor cores on the 16-bit operands, float32 accumulation
-            acc += tl.dot(qv, kv)
+            acc = tl.dot(qv, tl.trans(kv), acc)
     return acc
 
-def _scores_fwd(q_ptr, k_ptr, out_ptr, start_ptr, end_ptr,
+
+def _key_chunk(c0, m, l, q_row, q_a, q_b, k_head, start, k_hi, vis_lo, vis_hi, part_row, scale_log2,
+               stride_qt, stride_kt,
+               STRIDE: tl.constexpr, TPB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, MASKED: tl.constexpr,
+               DOT_IEEE: tl.constexpr):
+    """Key tiles [c0, c0 + BLOCK_C): online max/sum update (log2 units) and each key block's partial log2-sum-exp
+    ``m + log2(sum of the block's exp2(s - m))`` stored to the scratch rows. MASKED: tile c is visible from row r
+    iff vis_lo <= c < vis_hi[r]. Returns (m, l)."""
+    col = c0 + tl.arange(0, BLOCK_C)
+    k_col = k_head + (col * STRIDE).to(tl.int64) * stride_kt
+    acc = _antidiagonal_dot(q_row, k_col, q_a, q_b, col * STRIDE - start, col * STRIDE - k_hi, stride_qt, stride_kt,
+                            STRIDE, HEAD_DIM, BLOCK_D, BLOCK_K, BLOCK_M, BLOCK_C, MASKED, DOT_IEEE)
+    s = acc * scale_log2
+    if MASKED:  # column offsets inside the chunk against per-row bounds: two compares per element
+        offs = tl.arange(0, BLOCK_C)[None, :]
+        s = tl.where((offs >= vis_lo - c0) & (offs < (vis_hi - c0)[:, None]), s, -float("inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    if MASKED:  # a row with no visible tile yet keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN
+        m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    NKB: tl.constexpr = BLOCK_C // TPB
+    block_sum = tl.sum(tl.reshape(tl.exp2(s - m_use[:, None]), (BLOCK_M, NKB, TPB)), 2)  # [BLOCK_M, NKB]
+    l = l * tl.exp2(m - m_use) + tl.sum(block_sum, 1)
+    kb = tl.multiple_of(c0 // TPB, NKB) + tl.arange(0, NKB)  # chunks start at multiples of BLOCK_C tiles
+    tl.store(part_row[:, None] + kb[None, :], m_use[:, None] + tl.log2(block_sum))  # -inf: nothing visible
+    return m_new, l
+
+
+def _scores_fwd(q_ptr, k_ptr, out_ptr, part_ptr, start_ptr, end_ptr,
                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                stride_ob, stride_oh, stride_oq,
-                q_heads, q_tokens, kv_tokens, n_kb, scale,
-                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STRIDE: tl.constexpr,
-                TPB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                DOT_FP32: tl.constexpr):
-    bh = tl.program_id(0)
-    b = bh // q_heads
-    h = bh % q_heads
-    q_ptr += b * stride_qb + h * stride_qh
-    k_ptr += b * stride_kb + (h // GROUP) * stride_kh
+                stride_ob, stride_oh, stride_oq, stride_pb, stride_ph, stride_pr,
+                batch0, slice0, q_tokens, kv_tokens, n_rows, scale_log2, size_class,
+                GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                STRIDE: tl.constexpr, TPB: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_IEEE: tl.constexpr,
+                BLOCK_O: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program: ROWS query tiles of HEADS query heads of one KV head (BLOCK_M rows), every key tile they see.
+
+    Grid: (row tiles, head slices of this launch, batch rows of this launch). Scratch rows hold whole chunks
+    (columns padded past the last block). size_class only keys the autotuner."""
+    ROWS: tl.constexpr = BLOCK_M // HEADS
+    tile = tl.program_id(0)
+    if IS_CAUSAL:
+        tile = tl.num_programs(0) - 1 - tile  # the longest rows first: better balance at the tail
+    head_slice = slice0 + tl.program_id(1)
+    batch_row = tl.program_id(2)
+    b = batch0 + batch_row
+    h_first = head_slice * HEADS
+    kv_head = h_first // GROUP
     start = tl.load(start_ptr + b)
     end = tl.load(end_ptr + b)
     q_offset = kv_tokens - q_tokens
-    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    d_off = tl.arange(0, BLOCK_D)
-    d_ok = d_off < HEAD_DIM
-    last_q = q_offset + tl.minimum(rows * STRIDE + STRIDE, q_tokens) - 1  # [R]
-    row_live = rows * STRIDE < q_tokens
-    hi = tl.minimum(kv_tokens, end)
-    if IS_CAUSAL:
-        hi = tl.minimum(hi, tl.max(tl.where(row_live, last_q, 0), 0) + 1)
-    c_lo = (start // (TPB * STRIDE)) * TPB  # first key tile of the first valid block
-    c_hi = (hi + STRIDE - 1) // STRIDE
-    m = tl.full((BLOCK_R,), -float("inf"), tl.float32)
-    l = tl.zeros((BLOCK_R,), tl.float32)
-    for c0 in range(c_lo, c_hi, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        s = _tile_scores(q_ptr, k_ptr, rows, cols, d_off, d_ok, start, end, q_offset, q_tokens, kv_tokens,
-                         stride_qt, stride_kt, STRIDE, BLOCK_R, BLOCK_C, DOT_FP32) * scale
-        vis = ((cols * STRIDE < end) & (cols * STRIDE + STRIDE > start))[None, :] & row_live[:, None]
-        if IS_CAUSAL:
-            vis = vis & (cols[None, :] * STRIDE <= last_q[:, None])
-        s = tl.where(vis, s, -float("inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
-        m = m_new
-    m_safe = tl.where(m == -float("inf"), 0.0, m)
-    inv_l = tl.where(l > 0, 1.0 / tl.where(l > 0, l, 1.0), 0.0)
-    NQB: tl.constexpr = BLOCK_R // TPB
-    NKB: tl.constexpr = BLOCK_C // TPB
-    qb = tl.program_id(1) * NQB + tl.arange(0, NQB)
-    for c0 in range(c_lo, c_hi, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        s = _tile_scores(q_ptr, k_ptr, rows, cols, d_off, d_ok, start, end, q_offset, q_tokens, kv_tokens,
-                         stride_qt, stride_kt, STRIDE, BLOCK_R, BLOCK_C, DOT_FP32) * scale
-        vis = ((cols * STRIDE < end) & (cols * STRIDE + STRIDE > start))[None, :] & row_live[:, None]
-        if IS_CAUSAL:
-            vis = vis & (cols[None, :] * STRIDE <= last_q[:, None])
-        p = tl.where(vis, tl.exp(s - m_safe[:, None]) * inv_l[:, None], 0.0)
-        p = tl.sum(tl.reshape(p, (NQB, TPB, NKB, TPB)), 3)
-        p = tl.sum(p, 1)  # [NQB, NKB]
-        kb = c0 // TPB + tl.arange(0, NKB)
-        optr = out_ptr + b * stride_ob + h * stride_oh + qb[:, None] * stride_oq + kb[None, :]
-        tl.store(optr, p, mask=(qb[:, None] * TPB * STRIDE < q_tokens) & (kb[None, :] < n_kb))
+    k_hi = tl.maximum(tl.minimum(end, kv_tokens), 0)
+    q_lo = tl.maximum(start - q_offset, 0)  # valid query positions [q_lo, q_hi)
+    q_hi = tl.minimum(end - q_offset, q_tokens)
 
+    i = tl.arange(0, BLOCK_M)
+    head = h_first + i // ROWS
+    row = tile * ROWS + i % ROWS
+    row_last = row * STRIDE + STRIDE - 1  # the query taken at t = 0 (reverse order)
+    q_row = q_ptr + b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + row_last.to(tl.int64) * stride_qt
+    q_a = row_last - q_lo
+    q_b = row_last - q_hi
+    part_row = (part_ptr + batch_row.to(tl.int64) * stride_pb + (head - slice0 * HEADS).to(tl.int64) * stride_ph
+                + row.to(tl.int64) * stride_pr)
+    k_head = k_ptr + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    # visible key tiles of row r: [vis_lo, vis_hi[r]) (empty for rows past the last query tile)
+    vis_lo = start // STRIDE
+    vis_hi = tl.zeros((BLOCK_M,), tl.int32) + (k_hi + STRIDE - 1) // STRIDE
+    if IS_CAUSAL:
+        vis_hi = tl.minimum(vis_hi, (q_offset + tl.minimum(row * STRIDE + STRIDE, q_tokens) - 1) // STRIDE + 1)
+    vis_hi = tl.where(row < n_rows, vis_hi, vis_lo)
+
+    # key tiles [c_lo, c_hi) in chunks of BLOCK_C tiles from a multiple of BLOCK_C (block sums stay in a chunk)
+    first_row = tile * ROWS
+    c_lo = (start // (BLOCK_C * STRIDE)) * BLOCK_C
+    c_hi = (k_hi + STRIDE - 1) // STRIDE
+    inner_hi = k_hi // STRIDE  # key tiles below it hold only valid tokens...
+    if IS_CAUSAL:
+        c_hi = tl.minimum(c_hi, (q_offset + tl.minimum((first_row + ROWS) * STRIDE, q_tokens) - 1) // STRIDE + 1)
+        inner_hi = tl.minimum(inner_hi, (q_offset + first_row * STRIDE + STRIDE - 1) // STRIDE + 1)  # ...and all visible
+    n_chunks = tl.cdiv(tl.maximum(c_hi - c_lo, 0), BLOCK_C)
+    # chunks [j_a, j_b) need no mask: every row and key token valid, every tile visible
+    q_full = (first_row * STRIDE >= q_lo) & ((first_row + ROWS) * STRIDE <= q_hi)
+    j_a = tl.minimum(tl.cdiv(tl.cdiv(start, STRIDE) - c_lo, BLOCK_C), n_chunks)
+    j_b = tl.minimum(tl.maximum(tl.maximum(inner_hi - c_lo, 0) // BLOCK_C, j_a), n_chunks)
+    j_b = tl.where(q_full, j_b, j_a)
+
+    m = tl.full((BLOCK_M,), -float("inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    for j in range(j_a, j_b):
+        m, l = _key_chunk(c_lo + j * BLOCK_C, m, l, q_row, q_a, q_b, k_head, start, k_hi, vis_lo, vis_hi, part_row,
+                          scale_log2, stride_qt, stride_kt, STRIDE, TPB, HEAD_DIM, BLOCK_D, BLOCK_K, BLOCK_M, BLOCK_C,
+                          False, DOT_IEEE)
+    for j in range(0, n_chunks - (j_b - j_a)):  # the edge chunks: [0, j_a) and [j_b, n_chunks)
+        jj = j + (j >= j_a).to(tl.int32) * (j_b - j_a)
+        m, l = _key_chunk(c_lo + jj * BLOCK_C, m, l, q_row, q_a, q_b, k_head, start, k_hi, vis_lo, vis_hi, part_row,
+                          scale_log2, stride_qt, stride_kt, STRIDE, TPB, HEAD_DIM, BLOCK_D, BLOCK_K, BLOCK_M, BLOCK_C,
+                          True, DOT_IEEE)
+
+    # block score = sum over the block's rows of exp2(partial - row log2-sum-exp); rows with nothing visible give 0
+    lse = tl.where(l > 0, tl.where(m == -float("inf"), 0.0, m) + tl.log2(tl.where(l > 0, l, 1.0)), float("inf"))
+    tl.debug_barrier()  # the scratch rows were written by other threads of this program
+    NQB: tl.constexpr = BLOCK_M // TPB
+    blk = tl.arange(0, NQB)
+    qb = tile * (ROWS // TPB) + blk % (ROWS // TPB)
+    out_head = h_first + blk // (ROWS // TPB)
+    out_row = out_ptr + b.to(tl.int64) * stride_ob + out_head.to(tl.int64) * stride_oh + qb.to(tl.int64) * stride_oq
+    qb_live = qb * (TPB * STRIDE) < q_tokens
+    kb_hi = (c_hi + TPB - 1) // TPB
+    for kb0 in range(c_lo // TPB, kb_hi, BLOCK_O):
+        kb = tl.multiple_of(kb0, BLOCK_C // TPB) + tl.arange(0, BLOCK_O)  # c_lo is a multiple of BLOCK_C tiles
+        part = tl.load(part_row[:, None] + kb[None, :], mask=(kb < kb_hi)[None, :], other=-float("inf"))
+        p = tl.sum(tl.reshape(tl.exp2(part - lse[:, None]), (NQB, TPB, BLOCK_O)), 1)
+        tl.store(out_row[:, None] + kb[None, :], p, mask=qb_live[:, None] & (kb < kb_hi)[None, :])
+
+
+def _select_fwd(scores_ptr, tau_ptr, start_ptr, end_ptr, index_ptr, count_ptr,
+                stride_sb, stride_sh, stride_sq, stride_tb, stride_th, stride_tq,
+                stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,
+                q_tokens, kv_tokens, n_kb,
+                BLOCK_SIZE: tl.constexpr, N_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """One (batch, head, query block) row of :func:`select_blocks_reference`: visibility, ranking by one sort of
+    (rank code, block index) keys, cumulative share, count, kept indices in ascending order."""
+    qb = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    start = tl.load(start_ptr + b)
+    end = tl.load(end_ptr + b)
+    q_offset = kv_tokens - q_tokens
+    kb = tl.arange(0, N_PAD)  # block index, and also the position in the sorted row
+    real = kb < n_kb
+    first = kb * BLOCK_SIZE
+    last = first + BLOCK_SIZE - 1
+    first_q = qb * BLOCK_SIZE + q_offset
+    last_q = tl.minimum((qb + 1) * BLOCK_SIZE, q_tokens) - 1 + q_offset
+    visible = real & (first < end) & (last >= start)
+    if IS_CAUSAL:
+        visible = visible & (first <= last_q)
+    forced = visible & (((last >= first_q) & (first <= last_q)) | (first == (start // BLOCK_SIZE) * BLOCK_SIZE))
+    row = scores_ptr + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh + qb.to(tl.int64) * stride_sq
+    s = tl.load(row + kb, mask=real, other=0.0)
+    s = tl.where(visible & (s > 0.0), s, 0.0)
+    total = tl.sum(s, 0)
+    # rank code, ascending = the reference's order: forced (0), visible by descending score (the bits of s >= 0
+    # grow with s), invisible, padding; the block index in the low half breaks ties by ascending index
+    code = tl.where(forced, 0, tl.where(visible, 0x7F800000 - s.to(tl.int32, bitcast=True),
+                                        tl.where(real, 0x7F800001, 0x7F800002)))
+    key = (code.to(tl.int64) << 32) + kb.to(tl.int64)
+    ranked = tl.sort(key, dim=0)
+    ranked_code = ranked >> 32
+    order = (ranked - (ranked_code << 32)).to(tl.int32)
+    s_ranked = tl.load(row + order, mask=ranked_code <= 0x7F800000, other=0.0)
+    s_ranked = tl.where(s_ranked > 0.0, s_ranked, 0.0)
+    share = tl.math.div_rn(s_ranked, tl.where(total > 0, total, 1.0))
+    exclusive = tl.cumsum(share, axis=0) - share
+    tau = tl.load(tau_ptr + b.to(tl.int64) * stride_tb + h * stride_th + qb.to(tl.int64) * stride_tq)
+    n_visible = tl.sum(visible.to(tl.int32), 0)
+    n_forced = tl.sum(forced.to(tl.int32), 0)
+    need = tl.sum(((exclusive < tau) & real).to(tl.int32), 0)
+    need = tl.where(tau >= 1.0, n_visible, need)
+    count = tl.minimum(tl.maximum(need, n_forced), n_visible)
+    # the kept blocks are the `count` smallest keys: keys up to the count-th, in block order via a running count
+    threshold = tl.max(tl.where(kb < count, ranked, -1), 0)
+    kept = key <= threshold
+    slot = tl.cumsum(kept.to(tl.int32), axis=0) - 1
+    out = index_ptr + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + qb.to(tl.int64) * stride_iq
+    tl.store(out + slot, kb, mask=kept)
+    tl.store(out + kb, tl.zeros_like(kb), mask=real & (kb >= count))
+    tl.store(count_ptr + b.to(tl.int64) * stride_cb + h * stride_ch + qb, count)
+
+
+# Scoring tiles tried by the autotuner on the GPU (16-bit inputs): BLOCK_M query-tile rows (all stacked heads),
+# BLOCK_C key tiles, BLOCK_K contraction step, warps, pipeline stages, register cap. Shared memory is the pipeline's
+# stages x (BLOCK_M + BLOCK_C) x BLOCK_K x 2 B (the epilogue reuses it); registers as ptxas reports them for sm_90
+# (S=8, d=128), and so how many programs share an SM (228 KB, 64K registers): the epilogue (exp2, block sums) of
+# one program then overlaps the tensor-core loop of another. A config that does not fit is skipped by the autotuner.
+_GPU_SCORE_CONFIGS = (  # (BLOCK_M, BLOCK_C, BLOCK_K, num_warps, num_stages, maxnreg)
+    (128, 128, 64, 8, 3, None),  # 96 KB, ~200 registers: 1 per SM
+    (128, 128, 64, 8, 3, 128),  # 96 KB, capped at 128 (spills outside the K loop): 2 per SM
+    (128, 128, 64, 4, 3, None),  # 96 KB, 255: 2 per SM
+    (64, 128, 64, 4, 3, 168),  # 72 KB, 168: 3 per SM
+    (64, 128, 64, 4, 4, None),  # 96 KB, ~215: 2 per SM
+    (128, 256, 64, 8, 3, None),  # 144 KB, 255: 1 per SM
+    (256, 128, 64, 8, 3, None),  # 144 KB, 255 + spills: 1 per SM
+)
 
 
 @functools.lru_cache(maxsize=None)
@@ -289,8 +454,15 @@ def _kernels() -> SimpleNamespace:
 
     module = globals()
     module["tl"] = triton.language
-    module["_tile_scores"] = triton.jit(_tile_scores)
-    return SimpleNamespace(fwd=triton.jit(_scores_fwd))
+    module["_antidiagonal_dot"] = triton.jit(_antidiagonal_dot)
+    module["_key_chunk"] = triton.jit(_key_chunk)
+    scores = triton.jit(do_not_specialize=["batch0", "slice0", "size_class"])(_scores_fwd)
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_C": bc, "BLOCK_K": bk}, num_warps=w, num_stages=s, maxnreg=r)
+        for bm, bc, bk, w, s, r in _GPU_SCORE_CONFIGS
+    ]
+    tuned = triton.autotune(configs=configs, key=["STRIDE", "HEAD_DIM", "HEADS", "TPB", "IS_CAUSAL", "size_class"])(scores)
+    return SimpleNamespace(scores=scores, scores_tuned=tuned, select=triton.jit(_select_fwd))
 
 
 def xattention_scores(
@@ -304,17 +476,21 @@ def xattention_scores(
     causal: bool = True,
     scale: float | None = None,
     block_r: int | None = None,
+    scratch_bytes: int = SCRATCH_BYTES,
 ) -> torch.Tensor:
     """Triton block scores; same arguments and result as :func:`xattention_scores_reference`.
 
-    CUDA tensors (or CPU ones under TRITON_INTERPRET=1); float16, bfloat16 or float32, any head dim.
+    CUDA tensors (or CPU ones under TRITON_INTERPRET=1); float16, bfloat16 or float32, any head dim. Tiles are
+    autotuned on the GPU for 16-bit inputs (once per stride, head dim, dtype and size class); ``block_r`` (rows per
+    program, all stacked heads) fixes them instead. Scratch: float32 [batch x heads, q tiles, key blocks] (rows
+    padded to 256, columns to 64), 512 MB for 32 heads at 64k tokens; heads (and batch rows) go in chunks of at
+    most ``scratch_bytes``, one launch each (never less than one program's stacked heads).
     """
     _check(q, k, stride, block_size)
     batch, q_heads, q_tokens, dim = q.shape
     kv_heads, kv_tokens = k.shape[1], k.shape[2]
     device = q.device
-    start, end = _bounds(batch, kv_tokens, kv_start, kv_end, device)
-    start, end = start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+    start, end = _bounds_int32(batch, kv_tokens, kv_start, kv_end, device)
     tpb = block_size // stride
     n_qb, n_kb = -(-q_tokens // block_size), -(-kv_tokens // block_size)
     out = torch.zeros(batch, q_heads, n_qb, n_kb, dtype=torch.float32, device=device)
@@ -322,26 +498,93 @@ def xattention_scores(
         return out
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
-    # at least 16 rows/cols for tl.dot; whole blocks per tile so the per-block sums stay inside one program
-    interpret = interpreting()
-    small = interpret or q.dtype == torch.float32
-    block_r = block_r or (max(16, tpb) if small else max(64, tpb))
-    block_c = max(16, tpb) if small else max(64, tpb)
-    scale = (dim**-0.5 if scale is None else float(scale)) / stride
-    grid = (batch * q_heads, -(-q_tokens // (block_r * stride)))
-    _kernels().fwd[grid](
-        q, k, out, start, end,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        q_heads, q_tokens, kv_tokens, n_kb, scale,
-        GROUP=q_heads // kv_heads, HEAD_DIM=dim, BLOCK_D=max(16, 1 << (dim - 1).bit_length()), STRIDE=stride,
-        TPB=tpb, BLOCK_R=block_r, BLOCK_C=block_c, IS_CAUSAL=bool(causal),
-        DOT_FP32=small, num_warps=4 if small else 8,
-        num_stages=1,  # each key step unrolls STRIDE strided loads: pipelining them overflows shared memory
-    )  # fmt: skip
+    group = q_heads // kv_heads
+    heads = math.gcd(group, max(1, 64 // tpb))  # heads of a group stacked per program: a power of two dividing it
+    n_rows = -(-q_tokens // stride)
+    rows_pad = -(-n_rows // 256) * 256  # whole row tiles for every config (ROWS = BLOCK_M / heads <= 256)
+    cols_pad = -(-n_kb // 64) * 64  # whole chunks of blocks for every config (BLOCK_C / tpb <= 64)
+    small = interpreting() or q.dtype == torch.float32
+    block_d = max(16 if small else 64, 1 << (dim - 1).bit_length())  # a multiple of BLOCK_K
+    kernels = _kernels()
+    if small or block_r:
+        block_m = block_r or (heads * max(tpb, 16 // heads) if interpreting() else 64)
+        if block_m % (heads * tpb):
+            raise ValueError(f"block_r must be a multiple of {heads * tpb} (stacked heads x tiles per block), got {block_m}")
+        if small:  # float32 products (CUDA cores on the GPU): small tiles
+            block_c = max(16, tpb) if interpreting() else 64
+            fixed = dict(BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=min(block_d, 32), num_warps=4, num_stages=2)
+        else:
+            fixed = dict(BLOCK_M=block_m, BLOCK_C=128, BLOCK_K=64, num_warps=8, num_stages=3)
+        kernel = kernels.scores
+    else:
+        fixed = {}
+        kernel = kernels.scores_tuned
+    block_o = 16 if interpreting() else 64
+    size_class = min(n_rows.bit_length(), 16) // 2
+    # chunk (batch rows) x (head slices) so that the scratch stays within scratch_bytes
+    n_slices = q_heads // heads
+    per_slice = heads * rows_pad * cols_pad * 4
+    units = max(1, scratch_bytes // per_slice)
+    slice_step = min(n_slices, units)
+    batch_step = min(batch, max(1, units // n_slices)) if slice_step == n_slices else 1
+    part = torch.empty(batch_step, slice_step * heads, rows_pad, cols_pad, dtype=torch.float32, device=device)
+    scale_log2 = (dim**-0.5 if scale is None else float(scale)) / stride * math.log2(math.e)
+    for b0 in range(0, batch, batch_step):
+        nb = min(batch_step, batch - b0)
+        for s0 in range(0, n_slices, slice_step):
+            ns = min(slice_step, n_slices - s0)
+            grid = lambda meta, ns=ns, nb=nb: (-(-n_rows // (meta["BLOCK_M"] // heads)), ns, nb)  # noqa: E731
+            kernel[grid](
+                q, k, out, part, start, end,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                out.stride(0), out.stride(1), out.stride(2), part.stride(0), part.stride(1), part.stride(2),
+                b0, s0, q_tokens, kv_tokens, n_rows, scale_log2, size_class,
+                GROUP=group, HEADS=heads, HEAD_DIM=dim, BLOCK_D=block_d, STRIDE=stride, TPB=tpb,
+                IS_CAUSAL=bool(causal), DOT_IEEE=small, BLOCK_O=block_o, **fixed,
+            )  # fmt: skip
     return out
 
 
+def select_blocks(
+    scores: torch.Tensor,
+    tau: torch.Tensor,
+    *,
+    q_tokens: int,
+    kv_tokens: int,
+    block_size: int,
+    kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
+    causal: bool = True,
+    use_triton: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block lists from block scores, on the scores' device (no host round trip): one Triton launch (default on
+    CUDA when Triton is importable; CPU tensors need TRITON_INTERPRET=1), else :func:`select_blocks_reference`.
+
+    scores: [batch, heads, n_qb, n_kb]; tau: [heads]. Returns (block_index int32 [batch, heads, n_qb, n_kb], kept
+    indices first in ascending order, then padding; block_count int32 [batch, heads, n_qb]).
+    """
+    if use_triton is None:
+        use_triton = scores.is_cuda and triton_available()
+    if not use_triton:
+        return select_blocks_reference(scores, tau, q_tokens=q_tokens, kv_tokens=kv_tokens, block_size=block_size,
+                                       kv_start=kv_start, kv_end=kv_end, causal=causal)
+    batch, heads, n_qb, n_kb = scores.shape
+    device = scores.device
+    index = torch.empty(batch, heads, n_qb, n_kb, dtype=torch.int32, device=device)
+    count = torch.empty(batch, heads, n_qb, dtype=torch.int32, device=device)
+    if index.numel() == 0:
+        return index, count.zero_()
+    scores = scores if scores.dtype == torch.float32 and scores.stride(-1) == 1 else scores.float().contiguous()
+    start, end = _bounds_int32(batch, kv_tokens, kv_start, kv_end, device)
+    tau = torch.broadcast_to(_tau_rows(tau, device), (batch, heads, n_qb))  # stride 0 where broadcast: no copy
+    _kernels().select[(n_qb, heads, batch)](
+        scores, tau, start, end, index, count,
+        scores.stride(0), scores.stride(1), scores.stride(2), tau.stride(0), tau.stride(1), tau.stride(2),
+        index.stride(0), index.stride(1), index.stride(2), count.stride(0), count.stride(1),
+        q_tokens, kv_tokens, n_kb,
+        BLOCK_SIZE=block_size, N_PAD=max(16, 1 << (n_kb - 1).bit_length()), IS_CAUSAL=bool(causal), num_warps=4,
+    )  # fmt: skip
+    return index, count
 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, **kwargs) -> torch.Tensor:

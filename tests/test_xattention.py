@@ -16,6 +16,7 @@ from compressor.calibration.block_mass import layer_ranking, true_block_mass  # 
 from compressor.kernels.reference import naive_attention  # noqa: E402
 from compressor.kernels.xattention_score import (  # noqa: E402
     select_blocks,
+    select_blocks_reference,
     visible_blocks,
     xattention_scores,
     xattention_scores_reference,
@@ -25,6 +26,8 @@ from compressor.plan import Plan, WindowPattern  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
+# the interpreter evaluates log2(0) = -inf (blocks with nothing visible) through numpy, which warns
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
@@ -54,23 +57,34 @@ def test_reference_scores_are_softmaxed_antidiagonal_sums():
 
 @needs_triton
 @pytest.mark.parametrize(
-    "shape, stride, block_size, dtype",
+    "shape, stride, block_size, dtype, causal",
     [
-        ((2, 4, 2, 150, 150, 32), 4, 64, torch.float32),  # GQA, padded rows, odd length
-        ((1, 2, 1, 100, 230, 16), 16, 64, torch.float16),  # queries after a KV prefix
-        ((1, 2, 2, 130, 130, 60), 8, 128, torch.float32),  # head dim not a power of two
+        ((2, 4, 2, 150, 150, 32), 4, 64, torch.float32, True),  # GQA, padded rows, odd length
+        ((1, 2, 1, 100, 230, 16), 16, 64, torch.float16, True),  # queries after a KV prefix
+        ((1, 2, 2, 130, 130, 60), 8, 128, torch.float32, True),  # head dim not a power of two
+        ((2, 4, 1, 200, 260, 24), 8, 64, torch.float32, False),  # not causal: unmasked chunks with a padded dim
+        ((1, 8, 1, 300, 300, 16), 4, 128, torch.float32, True),  # group of 8: heads stacked in the rows of a tile
     ],
 )
-def test_triton_scores_match_reference(shape, stride, block_size, dtype):
+def test_triton_scores_match_reference(shape, stride, block_size, dtype, causal):
     batch, kv_tokens = shape[0], shape[4]
     q, k = _qk(*shape, dtype=dtype)
     start = torch.tensor([0, 9][:batch], device=DEVICE)
     end = torch.tensor([kv_tokens - 5, kv_tokens][:batch], device=DEVICE)
-    kw = dict(stride=stride, block_size=block_size, kv_start=start, kv_end=end)
+    kw = dict(stride=stride, block_size=block_size, kv_start=start, kv_end=end, causal=causal)
     want = xattention_scores_reference(q, k, **kw)
     got = xattention_scores(q, k, **kw)
     tol = 1e-4 if dtype == torch.float32 or not ON_GPU else 3e-2  # on the GPU 16-bit inputs use 16-bit products
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@needs_triton
+def test_triton_scores_in_scratch_sized_chunks_match_one_launch():
+    q, k = _qk(2, 4, 2, 150, 150, 16, seed=1)
+    kw = dict(stride=8, block_size=64, kv_start=torch.tensor([0, 20], device=DEVICE))
+    whole = xattention_scores(q, k, **kw)
+    chunked = xattention_scores(q, k, scratch_bytes=1, **kw)  # one launch per (batch row, head slice)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
 
 
 def _selection_by_loops(scores, tau, visible, forced):
@@ -91,18 +105,41 @@ def _selection_by_loops(scores, tau, visible, forced):
     return kept
 
 
-def test_selection_keeps_exactly_the_blocks_of_the_loop_reference():
+@pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=needs_triton)])
+def test_selection_keeps_exactly_the_blocks_of_the_loop_reference(use_triton):
     q, k = _qk(2, 3, 1, 600, 600, 16, seed=3)
     start, end = torch.tensor([0, 130]), torch.tensor([560, 600])
     scores = xattention_scores_reference(q, k, stride=8, block_size=64, kv_start=start, kv_end=end).cpu()
     scores[0, 0, 5, 1] = scores[0, 0, 5, 2]  # a tie
     tau = torch.tensor([0.5, 0.9, 1.0])
-    index, count = select_blocks(scores, tau, q_tokens=600, kv_tokens=600, block_size=64, kv_start=start, kv_end=end)
+    kw = dict(q_tokens=600, kv_tokens=600, block_size=64, kv_start=start.to(DEVICE), kv_end=end.to(DEVICE))
+    index, count = select_blocks(scores.to(DEVICE), tau.to(DEVICE), use_triton=use_triton, **kw)
+    index, count = index.cpu(), count.cpu()
     got = torch.zeros_like(scores, dtype=torch.bool)
     for b, h, i in torch.cartesian_prod(*(torch.arange(n) for n in count.shape)).tolist():
         got[b, h, i, index[b, h, i, : count[b, h, i]].long()] = True
     visible, forced = visible_blocks(2, 600, 600, 64, start, end, True, "cpu")
     assert torch.equal(got, _selection_by_loops(scores, tau.tolist(), visible, forced))
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "batch, heads, q_tokens, kv_tokens, block_size, causal",
+    [(2, 3, 600, 600, 64, True), (2, 2, 300, 700, 64, True), (1, 2, 500, 500, 128, False)],
+)
+def test_triton_selection_matches_the_reference(batch, heads, q_tokens, kv_tokens, block_size, causal):
+    gen = torch.Generator().manual_seed(4)
+    n_qb, n_kb = -(-q_tokens // block_size), -(-kv_tokens // block_size)
+    scores = torch.rand(batch, heads, n_qb, n_kb, generator=gen)
+    scores[0, 0, 3, 1] = scores[0, 0, 3, 2]  # a tie
+    scores[..., 0, :] = 0.0  # rows with nothing to share
+    scores[-1, -1, 2, :2] = 5.0  # the sink holds most of a row
+    kw = dict(q_tokens=q_tokens, kv_tokens=kv_tokens, block_size=block_size, causal=causal,
+              kv_start=torch.tensor([0, 130][:batch]), kv_end=torch.tensor([kv_tokens - 40, kv_tokens][:batch]))
+    for tau in (torch.tensor([1.0, 0.3, 0.9][:heads]), torch.rand(batch, heads, n_qb, generator=gen)):
+        want = select_blocks_reference(scores, tau, **kw)
+        got = select_blocks(scores.to(DEVICE), tau.to(DEVICE), use_triton=True, **kw)
+        assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
 
 
 def test_tau_one_keeps_every_causal_block():
