@@ -1,12 +1,16 @@
-"""Quantized linear layer on the GPU: fused activation quantization, then a low-bit GEMM with a fused epilogue.
+"""Quantized linear layer on the GPU: per-token activation quantization and a low-bit GEMM with a fused epilogue.
 
-Spec: ``quant_reference.quant_linear_reference``. Paths:
-- W8A8 int8: Triton GEMM with int32 accumulation and the dequant epilogue fused (per-token x per-channel scales,
-  bias, out dtype), or ``torch._int_mm`` + a separate epilogue (``backend="torch"``);
-- W8A8 fp8: ``torch._scaled_mm`` with row-wise scales (the Triton GEMM with ``backend="triton"``);
-- W4A8: Triton GEMM unpacking int4 in its K loop, one weight-scale group per K step.
-For M <= 16 (decode) the Triton GEMM splits K over programs (fp32 atomics) so the weight read fills the GPU.
-Inputs the kernels do not take run the reference, with a one-time warning naming the reason.
+Spec: ``quant_reference.quant_linear_reference``. Paths chosen by :func:`quant_linear` (``backend="auto"``):
+- M <= 4 tokens: ONE launch, ``triton_linear_fused``: each GEMM program takes the per-token absmax of x itself and
+  quantizes it in registers; narrow N tiles give N / 16..64 programs, enough to stream the weight at HBM speed;
+- 4 < M <= 16: the activation kernel, then the same narrow-tile GEMM on the codes (every fused program would re-read
+  all of x, 16 rows of it, which costs more L2 traffic than the weight slice it reads);
+- M > 16: the activation kernel, then a Hopper-tiled GEMM (128x256x128 class, grouped tile order), autotuned per
+  (M bucket, N, K); fp8 goes to ``torch._scaled_mm`` there (cuBLAS row-wise fp8: 1000+ TFLOP/s measured);
+- W4A8 (int4 packed 8 per int32 along K, group scales): the same kernels unpack the int4 bytes in registers, one
+  group per K step.
+The online Hadamard is a rotation kernel in front of any of these. Inputs the kernels do not take run the
+reference, with a one-time warning naming the reason (``backend="triton"`` raises instead).
 """
 
 from __future__ import annotations
@@ -15,12 +19,17 @@ import warnings
 
 import torch
 
-from compressor.kernels.triton_support import triton_available
+from compressor.kernels.quant_activation import MAX_HADAMARD_BLOCK, hadamard_rotate, quantize_activation
+from compressor.kernels.quant_reference import FP8_MAX, INT8_MAX, fp8_dtype, quant_linear_reference
+from compressor.kernels.triton_support import interpreting, triton_available
 
-from compressor.kernels.quant_activation import MAX_HADAMARD_BLOCK, quantize_activation
-from compressor.kernels.quant_reference import quant_linear_reference
-
-SMALL_M = 16
+SMALL_M = 16  # at most this many tokens: narrow-N decode tiles (M padded to the MMA's 16 rows)
+FUSED_MAX_M = 4  # at most this many: the activation is quantized inside the GEMM (one launch)
+# Under the CPU interpreter the launchers use these tiles; on the GPU the autotuner picks from quant_triton's lists.
+INTERPRETER_TILES = {
+    "small": dict(BLOCK_N=32, BLOCK_K=64, GROUP_M=1),
+    "large": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2),
+}
 _warned: set[str] = set()
 
 
@@ -28,6 +37,14 @@ def _fallback(reason: str) -> None:
     if reason not in _warned:  # once per reason: the per-process record of what was said
         _warned.add(reason)
         warnings.warn(f"quantized linear: {reason}; running the PyTorch reference instead", stacklevel=3)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
 
 
 def unsupported_reason(x: torch.Tensor, weight_q: torch.Tensor, act_dtype: str, group_size: int, hadamard_block: int) -> str | None:
@@ -38,48 +55,93 @@ def unsupported_reason(x: torch.Tensor, weight_q: torch.Tensor, act_dtype: str, 
         return "triton is not installed"
     if act_dtype == "fp8" and torch.cuda.get_device_capability(x.device) < (8, 9):
         return f"fp8 needs compute capability >= 8.9, this GPU has {torch.cuda.get_device_capability(x.device)}"
-    if hadamard_block and (hadamard_block > MAX_HADAMARD_BLOCK or hadamard_block < 16):
-        return f"online Hadamard block {hadamard_block} is outside 16..{MAX_HADAMARD_BLOCK}"
-    if group_size and (group_size % 16 or x.shape[-1] % group_size):
-        return f"int4 group size {group_size} must be a multiple of 16 dividing in_features {x.shape[-1]}"
+    k = x.shape[-1]
+    wanted = {torch.int32: "int8", torch.int8: "int8", fp8_dtype(): "fp8"}.get(weight_q.dtype)
+    if wanted != act_dtype:
+        return f"weights of dtype {weight_q.dtype} do not pair with {act_dtype} activations"
+    if hadamard_block and (hadamard_block > MAX_HADAMARD_BLOCK or hadamard_block < 16 or k % hadamard_block
+                           or hadamard_block & (hadamard_block - 1)):
+        return f"online Hadamard block {hadamard_block} is not a power of two in 16..{MAX_HADAMARD_BLOCK} dividing {k}"
+    if weight_q.dtype == torch.int32 and (group_size < 32 or group_size % 32 or k % group_size):
+        return f"int4 group size {group_size} must be a multiple of 32 (the int8 MMA's K) dividing in_features {k}"
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"input dtype {x.dtype} is not fp16, bf16 or fp32"
+    tokens = x.numel() // max(k, 1)
+    if max(x.numel(), tokens * weight_q.shape[0]) >= 2**31:
+        return f"{tokens} tokens x {k} -> {weight_q.shape[0]} features need 64-bit offsets (the kernels use 32-bit)"
     return None
+
+
+def _launch_gemm(
+    a: torch.Tensor, a_scale: torch.Tensor | None, weight_q: torch.Tensor, weight_scale: torch.Tensor,
+    bias: torch.Tensor | None, out_dtype: torch.dtype, group_size: int, act_dtype: str, config: dict | None,
+) -> torch.Tensor:
+    """Run ``quant_gemm_kernel``; ``a_scale`` None means ``a`` is float x, quantized inside (the fused path)."""
+    from compressor.kernels import quant_triton
+
+    m, k = a.shape
+    n = weight_q.shape[0]
+    int4 = weight_q.dtype == torch.int32
+    b = weight_q if weight_q.stride(-1) == 1 else weight_q.contiguous()  # the kernel reads rows along K
+    b = b.view(torch.uint8) if int4 else b  # int4: the packed words seen as bytes [N, K / 2]
+    ws = weight_scale.float().contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    c = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    small = m <= SMALL_M
+    fused = a_scale is None
+    meta = dict(A_FUSED=fused, W_INT4=int4, IS_FP8=act_dtype == "fp8", HAS_BIAS=bias is not None,
+                QMAX=FP8_MAX if act_dtype == "fp8" else INT8_MAX)
+    if small:
+        meta["BLOCK_M"] = _next_pow2(m)
+    rows = meta.get("BLOCK_M", 16)  # the fused absmax pass: one long chunk for a token or few (registers allow)
+    meta["AMAX_CHUNK"] = min(_next_pow2(k), 16384 // rows if rows <= 4 else 4096 // rows)
+    if int4:
+        meta["BLOCK_K"] = group_size
+    args = (a, ws if fused else a_scale, b, ws, bias if bias is not None else ws, c, m, n, k,
+            a.stride(0), b.stride(0), ws.stride(0), c.stride(0), _next_pow2(m))
+    if config is None and not interpreting():
+        tuned = quant_triton.GEMM_TUNED[("small" if small else "large", "w4" if int4 else "w8")]
+        # K tails are masked only when some candidate's BLOCK_K does not divide K (never for Llama's 4096 / 14336)
+        meta["EVEN_K"] = all(k % cfg.kwargs.get("BLOCK_K", group_size) == 0 for cfg in tuned.configs)
+        tuned[lambda t: (_cdiv(m, t["BLOCK_M"]) * _cdiv(n, t["BLOCK_N"]),)](*args, **meta)
+        return c
+    tiles = dict(config or INTERPRETER_TILES["small" if small else "large"])
+    launch = dict(num_warps=tiles.pop("num_warps", 4), num_stages=tiles.pop("num_stages", 2))
+    meta = {**tiles, **meta}  # the caller's BLOCK_M (small M) and BLOCK_K (int4: the group) win
+    meta["EVEN_K"] = k % meta["BLOCK_K"] == 0
+    grid = (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)
+    quant_triton.quant_gemm_kernel[grid](*args, **meta, **launch)
+    return c
 
 
 def triton_gemm(
     a_q: torch.Tensor, a_scale: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
-    bias: torch.Tensor | None, out_dtype: torch.dtype, group_size: int = 0, split_k: int | None = None,
-    block_m: int | None = None, block_n: int = 128, block_k: int | None = None, num_warps: int = 4, num_stages: int = 3,
+    bias: torch.Tensor | None, out_dtype: torch.dtype, group_size: int = 0, config: dict | None = None,
 ) -> torch.Tensor:
-    """``(a_q @ W^T) * a_scale[:, None] * w_scale + bias`` with the Triton GEMM; ``a_q: [M, K]`` int8 / fp8."""
-    from compressor.kernels import quant_triton
+    """``(a_q @ W^T) * a_scale[:, None] * w_scale + bias`` for codes ``a_q: [M, K]`` int8 / fp8 from
+    ``quantize_activation``; ``weight_q`` int8 / fp8 ``[N, K]`` or packed int4 ``[N, K / 8]`` (``group_size`` > 0).
 
-    m, k = a_q.shape
-    n = weight_q.shape[0]
-    int4 = weight_q.dtype == torch.int32
-    if split_k is None:
-        split_k = max(1, min(16, k // 512)) if m <= SMALL_M else 1
-    block_m = block_m or (16 if m <= SMALL_M else 128)
-    block_k = group_size if int4 else (block_k or (128 if a_q.dtype == torch.int8 else 64))
-    if split_k > 1:
-        c = torch.zeros(m, n, dtype=torch.float32, device=a_q.device)
-    else:
-        c = torch.empty(m, n, dtype=out_dtype, device=a_q.device)
-    ws = weight_scale.float().contiguous()
-    grid = ((m + block_m - 1) // block_m, (n + block_n - 1) // block_n, split_k)
-    quant_triton.quant_gemm_kernel[grid](
-        a_q, weight_q, a_scale, ws, bias if bias is not None else ws, c, m, n, k,
-        a_q.stride(0), weight_q.stride(0), ws.stride(0), c.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, W_INT4=int4, IS_INT=a_q.dtype == torch.int8,
-        SPLIT_K=split_k, HAS_BIAS=bias is not None, num_warps=num_warps, num_stages=num_stages,
-    )
-    if split_k > 1:
-        c = c * a_scale[:, None]
-        if bias is not None:
-            c = c + bias.float()
-        c = c.to(out_dtype)
-    return c
+    ``config``: explicit tiles (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``, ``num_warps``, ``num_stages``)
+    instead of the autotuner; M <= 16 takes BLOCK_M from M and int4 takes BLOCK_K from the group size.
+    """
+    act = "fp8" if a_q.dtype == fp8_dtype() else "int8"
+    a_q = a_q if a_q.stride(1) == 1 else a_q.contiguous()
+    a_scale = a_scale.float().contiguous()
+    return _launch_gemm(a_q, a_scale, weight_q, weight_scale, bias, out_dtype, group_size, act, config)
+
+
+def triton_linear_fused(
+    x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+    act_dtype: str, group_size: int, out_dtype: torch.dtype, config: dict | None = None,
+) -> torch.Tensor:
+    """One launch for decode: ``x: [M <= 16, K]`` float is quantized per token inside the GEMM (every program reads
+    all of x for the row absmax, then quantizes its K tiles in registers). Same weights and result as ``triton_gemm``
+    after ``quantize_activation``."""
+    if x.shape[0] > SMALL_M:
+        raise ValueError(f"the fused path takes at most {SMALL_M} tokens, got {x.shape[0]}: use triton_gemm")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    return _launch_gemm(x, None, weight_q, weight_scale, bias, out_dtype, group_size, act_dtype, config)
 
 
 def torch_gemm(
@@ -102,28 +164,51 @@ def torch_gemm(
     return y[:m]
 
 
+def _fast_linear(
+    x2: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, act_dtype: str,
+    group_size: int, hadamard_block: int, out_dtype: torch.dtype, backend: str,
+) -> torch.Tensor:
+    m = x2.shape[0]
+    int4 = weight_q.dtype == torch.int32
+    xin = hadamard_rotate(x2, hadamard_block) if hadamard_block else x2
+    if not int4 and (backend == "torch" or (backend == "auto" and act_dtype == "fp8" and m > SMALL_M)):
+        return torch_gemm(*quantize_activation(xin, act_dtype), weight_q, weight_scale, bias, out_dtype)
+    if m <= FUSED_MAX_M:
+        return triton_linear_fused(xin, weight_q, weight_scale, bias, act_dtype, group_size, out_dtype)
+    a_q, a_s = quantize_activation(xin, act_dtype)
+    return triton_gemm(a_q, a_s, weight_q, weight_scale, bias, out_dtype, group_size)
+
+
 def quant_linear(
     x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
     act_dtype: str = "int8", group_size: int = 0, hadamard_block: int = 0, out_dtype: torch.dtype | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """``y = Q(rotate(x)) @ W^T + bias`` for ``x: [M, K]``; fast kernels on CUDA, the reference elsewhere.
+    """``y = Q(rotate(x)) @ W^T + bias`` for ``x: [..., K]``; fast kernels on CUDA, the reference elsewhere.
 
-    ``backend``: ``auto`` (the faster measured path per case), ``triton`` or ``torch`` (cuBLAS, 8-bit only).
+    ``backend``: ``auto`` (the faster measured path per case; falls back to the reference with a warning if a kernel
+    fails), ``triton`` or ``torch`` (cuBLAS for the 8-bit GEMM); these two raise instead of falling back.
     """
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     out_dtype = out_dtype or x.dtype
     reason = unsupported_reason(x, weight_q, act_dtype, group_size, hadamard_block)
     if reason is not None:
+        if x.is_cuda and backend != "auto":
+            raise ValueError(f"quantized linear: {reason} (backend={backend!r})")
         if x.is_cuda:
             _fallback(reason)
         return quant_linear_reference(x, weight_q, weight_scale, bias, act_dtype, group_size, hadamard_block, out_dtype)
-    a_q, a_s = quantize_activation(x, act_dtype, hadamard_block=hadamard_block)
-    int4 = weight_q.dtype == torch.int32
-    use_torch = not int4 and (backend == "torch" or (backend == "auto" and (act_dtype == "fp8" or x.shape[0] > SMALL_M)))
-    if use_torch:
-        return torch_gemm(a_q, a_s, weight_q, weight_scale, bias, out_dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 0:
+        return torch.empty(*x.shape[:-1], weight_q.shape[0], dtype=out_dtype, device=x.device)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
     try:
-        return triton_gemm(a_q, a_s, weight_q, weight_scale, bias, out_dtype, group_size)
-    except Exception as err:  # a Triton build that rejects the kernel (seen: int4 unpack on Triton 3.6 GPUs)
-        _fallback(f"the Triton GEMM failed to compile or run ({type(err).__name__})")
+        y = _fast_linear(x2, weight_q, weight_scale, bias, act_dtype, group_size, hadamard_block, out_dtype, backend)
+    except Exception as err:  # a Triton build that rejects a kernel: keep the model running, say why once
+        if backend != "auto":
+            raise
+        _fallback(f"the Triton kernels failed ({type(err).__name__}: {str(err)[:200]})")
         return quant_linear_reference(x, weight_q, weight_scale, bias, act_dtype, group_size, hadamard_block, out_dtype)
+    return y.reshape(*x.shape[:-1], weight_q.shape[0])

@@ -1,123 +1,319 @@
 """Triton kernels of the quantized linear layer (imported lazily by ``quant_activation`` / ``quant_linear``).
 
-Kernels read top-down: activation quantization, then the low-bit GEMM with its K-step helper.
+Reads top-down: activation quantization, the block Hadamard rotation, the low-bit GEMM with its fused dequant
+epilogue, then the tile configurations the GPU autotunes over. Spec: ``quant_reference``.
+
+Numerics shared with the reference: per-token scale ``amax / qmax`` of the whole row (IEEE division, as torch),
+int8 codes rounded half away from zero and clamped, fp8 codes by round-to-nearest-even with saturation; int8 x int8
+products are summed in int32 (exact at any K; the reference's fp32 sum is exact only below 2^24) and converted to
+fp32 once, in the epilogue; int4 groups are summed in int32 and scaled in fp32 per group.
+
+Helpers keep one ``return`` at their end: Triton 3.6 type-checks the code after a ``constexpr`` early return and
+rejects different return types (the int4 GEMM failed to compile on the GPU for that reason, not for its reshape).
 """
 
 import triton
 import triton.language as tl
 
+# ---------------------------------------------------------------------------------------------------------------
+# Activation quantization
+
+
 @triton.jit
-def _transform(x, w_ptr, rstd, h, k0, offs_k, HAS_NORM: tl.constexpr, HAS_HAD: tl.constexpr):
-    if HAS_NORM:
-        w = tl.load(w_ptr + k0 + offs_k).to(tl.float32)
-        x = x * rstd[:, None] * w[None, :]
-    if HAS_HAD:
-        x = tl.dot(x, h, input_precision="ieee")
-    return x
+def _row_scale(amax, QMAX: tl.constexpr):
+    """Per-row scale ``amax / qmax``; an all-zero row gets 1."""
+    return tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32)), 1.0)
+
+
+@triton.jit
+def _codes(x, scale, IS_FP8: tl.constexpr, QMAX: tl.constexpr):
+    """fp32 ``x`` divided by its row scale (broadcast) -> int8 or fp8 e4m3 codes."""
+    y = tl.math.div_rn(x, tl.broadcast_to(scale, x.shape))  # `/` would be div.full.f32, not torch's IEEE division
+    if IS_FP8:
+        q = tl.minimum(tl.maximum(y, -QMAX), QMAX).to(tl.float8e4nv)
+    else:
+        r = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
+        q = tl.minimum(tl.maximum(r, -QMAX), QMAX).to(tl.int8)
+    return q
+
 
 @triton.jit
 def quantize_rows_kernel(
-    x_ptr, w_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, eps,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_NORM: tl.constexpr, HAS_HAD: tl.constexpr,
+    x_ptr, w_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, eps,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, HAS_NORM: tl.constexpr,
     IS_FP8: tl.constexpr, QMAX: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
+    """Per-token quantization of ``x: [M, K]`` (optionally RMSNorm first). With ONE_PASS (BLOCK_K >= K) a program
+    holds its rows in registers and reads x once; otherwise it sweeps the row three times in BLOCK_K chunks."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    h = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
-    if HAS_HAD:
-        h = tl.load(h_ptr + offs_k[:, None] * BLOCK_K + offs_k[None, :])
-    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if HAS_NORM:
-        ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    offs = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows[:, None] * stride_xm
+    q_rows = q_ptr + rows[:, None] * stride_qm
+    if ONE_PASS:
+        mask = row_ok[:, None] & (offs[None, :] < K)
+        x = tl.load(x_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / K + eps)
+            w = tl.load(w_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+            x = x * rstd[:, None] * w[None, :]
+        scale = _row_scale(tl.max(tl.abs(x), axis=1), QMAX)
+        tl.store(q_rows + offs[None, :], _codes(x, scale[:, None], IS_FP8, QMAX), mask=mask)
+    else:
+        rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if HAS_NORM:
+            ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                mask = row_ok[:, None] & (k0 + offs[None, :] < K)
+                x = tl.load(x_rows + k0 + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+                ss += tl.sum(x * x, axis=1)
+            rstd = 1.0 / tl.sqrt_rn(ss / K + eps)
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            mask = row_ok[:, None] & (k0 + offs_k[None, :] < K)
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + k0 + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-            ss += tl.sum(x * x, axis=1)
-        rstd = 1.0 / tl.sqrt(ss / K + eps)
-    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask = row_ok[:, None] & (k0 + offs_k[None, :] < K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + k0 + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = _transform(x, w_ptr, rstd, h, k0, offs_k, HAS_NORM, HAS_HAD)
-        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-    scale = tl.where(amax > 0, amax / QMAX, 1.0)
+            mask = row_ok[:, None] & (k0 + offs[None, :] < K)
+            x = tl.load(x_rows + k0 + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_NORM:
+                w = tl.load(w_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+                x = x * rstd[:, None] * w[None, :]
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        scale = _row_scale(amax, QMAX)
+        for k0 in range(0, K, BLOCK_K):
+            mask = row_ok[:, None] & (k0 + offs[None, :] < K)
+            x = tl.load(x_rows + k0 + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_NORM:
+                w = tl.load(w_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+                x = x * rstd[:, None] * w[None, :]
+            tl.store(q_rows + k0 + offs[None, :], _codes(x, scale[:, None], IS_FP8, QMAX), mask=mask)
     tl.store(s_ptr + rows, scale, mask=row_ok)
-    for k0 in range(0, K, BLOCK_K):
-        mask = row_ok[:, None] & (k0 + offs_k[None, :] < K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + k0 + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = _transform(x, w_ptr, rstd, h, k0, offs_k, HAS_NORM, HAS_HAD)
-        y = x / scale[:, None]
-        if IS_FP8:
-            q = tl.minimum(tl.maximum(y, -QMAX), QMAX).to(q_ptr.dtype.element_ty)
-        else:
-            q = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
-            q = tl.minimum(tl.maximum(q, -QMAX), QMAX).to(tl.int8)
-        tl.store(q_ptr + rows[:, None] * stride_qm + k0 + offs_k[None, :], q, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Block Hadamard rotation
 
 
 @triton.jit
-def _weight_tile(b_ptr, offs_n, k0, offs_k, N, K, stride_bn, W_INT4: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
-    """The ``[BLOCK_K, BLOCK_N]`` weight tile at ``k0`` (int4 unpacked to int8 here, inside the K loop)."""
-    if W_INT4:
-        offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        mask = (offs_w[:, None] < K // 8) & (offs_n[None, :] < N)
-        packed = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_w[:, None], mask=mask, other=0)
-        shifts = tl.arange(0, 8) * 4
-        nib = (packed[:, None, :] >> shifts[None, :, None]) & 0xF
-        return (tl.reshape(nib, (BLOCK_K, BLOCK_N)) - 8).to(tl.int8)
-    mask = (k0 + offs_k[:, None] < K) & (offs_n[None, :] < N)
-    b = tl.load(b_ptr + offs_n[None, :] * stride_bn + k0 + offs_k[:, None], mask=mask)
-    return tl.where(mask, b, tl.zeros_like(b))
+def _sylvester(HB: tl.constexpr, DTYPE: tl.constexpr):
+    """The unnormalised Sylvester Hadamard matrix ``[HB, HB]`` (HB <= 128): ``(-1) ** popcount(i & j)``, exact +-1."""
+    i = tl.arange(0, HB)
+    v = i[:, None] & i[None, :]
+    v = v ^ (v >> 4)
+    v = v ^ (v >> 2)
+    v = v ^ (v >> 1)
+    return (1 - 2 * (v & 1)).to(DTYPE)
+
+
+@triton.jit
+def _dot_fp32_exact(x, h, DOT_BF16: tl.constexpr):
+    """``x @ h`` for fp32 x and a +-1 matrix h (bf16 with DOT_BF16, else fp32), to fp32 accuracy: x is split into
+    three bf16 parts whose sum is x exactly (8 + 8 + 8 mantissa bits), so every product is exact and the tensor cores
+    only round the fp32 sums. Without DOT_BF16 (the CPU interpreter, whose bf16 dot is broken) the same parts are
+    multiplied in fp32."""
+    x1 = x.to(tl.bfloat16)
+    r = x - x1.to(tl.float32)
+    x2 = r.to(tl.bfloat16)
+    x3 = (r - x2.to(tl.float32)).to(tl.bfloat16)
+    if DOT_BF16:
+        y = tl.dot(x3, h)
+        y = tl.dot(x2, h, y)
+        y = tl.dot(x1, h, y)
+    else:
+        y = tl.dot(x3.to(tl.float32), h, input_precision="ieee")
+        y = tl.dot(x2.to(tl.float32), h, y, input_precision="ieee")
+        y = tl.dot(x1.to(tl.float32), h, y, input_precision="ieee")
+    return y
+
+
+@triton.jit
+def hadamard_rows_kernel(
+    x_ptr, y_ptr, M, K, stride_xm, stride_ym, inv_sqrt_block,
+    BLOCK_M: tl.constexpr, HB: tl.constexpr, CHUNKS: tl.constexpr, DOT_BF16: tl.constexpr,
+):
+    """``y = blockdiag(H_HB) x`` in fp32 for ``x: [M, K]``; a program rotates BLOCK_M rows x CHUNKS blocks of HB.
+    The matrix is built in registers (no host matrix, no copy per call)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs = tl.arange(0, HB)
+    h = _sylvester(HB, tl.bfloat16 if DOT_BF16 else tl.float32)
+    for c in tl.static_range(CHUNKS):
+        k0 = (tl.program_id(1) * CHUNKS + c) * HB
+        mask = (rows[:, None] < M) & (k0 + offs[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + k0 + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = _dot_fp32_exact(x, h, DOT_BF16) * inv_sqrt_block
+        tl.store(y_ptr + rows[:, None] * stride_ym + k0 + offs[None, :], y, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The low-bit GEMM
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped order: GROUP_M row tiles walk the N tiles together, so each B tile is read from L2 by all of them."""
+    pid = tl.program_id(0)
+    width = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // width) * GROUP_M
+    rows_here = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows_here
+    pid_n = (pid % width) // rows_here
+    return pid_m, pid_n
+
+
+@triton.jit
+def _fused_row_scale(x_ptr, rows, K, stride_xm, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, QMAX: tl.constexpr):
+    """Per-token scale of the whole row of x, computed by the GEMM program itself (x is small when M is)."""
+    offs = tl.arange(0, CHUNK)
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, CHUNK):
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + k0 + offs[None, :], mask=k0 + offs[None, :] < K, other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+    return _row_scale(amax, QMAX)
+
+
+@triton.jit
+def _a_tile(a_ptr, rows, k0, K, stride_am, a_scale, BLOCK_K: tl.constexpr, A_FUSED: tl.constexpr,
+            MASK_K: tl.constexpr, IS_FP8: tl.constexpr, QMAX: tl.constexpr):
+    """The ``[BLOCK_M, BLOCK_K]`` activation codes at k0: loaded, or (A_FUSED) quantized here from float x."""
+    offs = k0 + tl.arange(0, BLOCK_K)
+    ptrs = a_ptr + rows[:, None] * stride_am + offs[None, :]
+    if MASK_K:
+        a = tl.load(ptrs, mask=offs[None, :] < K, other=0.0)
+    else:
+        a = tl.load(ptrs)
+    if A_FUSED:
+        a = _codes(a.to(tl.float32), a_scale[:, None], IS_FP8, QMAX)
+    return a
+
+
+@triton.jit
+def _w8_tile(b_ptr, cols, k0, K, stride_bn, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr):
+    """The ``[BLOCK_K, BLOCK_N]`` int8 / fp8 weight tile at k0 of ``B: [N, K]`` (K contiguous: K-major for the MMA)."""
+    offs = k0 + tl.arange(0, BLOCK_K)
+    ptrs = b_ptr + cols[None, :] * stride_bn + offs[:, None]
+    if MASK_K:
+        b = tl.load(ptrs, mask=offs[:, None] < K, other=0.0)
+    else:
+        b = tl.load(ptrs)
+    return b
+
+
+@triton.jit
+def _int4_tile(b_ptr, cols, g, stride_bn, GROUP: tl.constexpr):
+    """Group g of the packed int4 weight as int8 ``[GROUP, BLOCK_N]`` in k order. ``b_ptr`` is the packed tensor seen
+    as bytes ``[N, K / 2]``: byte i holds k = 2i (low nibble) and 2i + 1, each stored as value + 8. The bytes are read
+    once, contiguously along k (16 bytes per thread), and unpacked in registers."""
+    offs = g * (GROUP // 2) + tl.arange(0, GROUP // 2)
+    byte = tl.load(b_ptr + cols[:, None] * stride_bn + offs[None, :])
+    lo = (byte & 0xF).to(tl.int8) - 8
+    hi = (byte >> 4).to(tl.int8) - 8
+    return tl.trans(tl.interleave(lo, hi).to(tl.int8))
 
 
 @triton.jit
 def quant_gemm_kernel(
-    a_ptr, b_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_wsn, stride_cm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_INT4: tl.constexpr, IS_INT: tl.constexpr,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    a_ptr, as_ptr, b_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_wsn, stride_cm, M_KEY,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    A_FUSED: tl.constexpr, AMAX_CHUNK: tl.constexpr, W_INT4: tl.constexpr, IS_FP8: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, QMAX: tl.constexpr,
 ):
-    """``C = (A @ B^T) * a_scale[m] * w_scale[n] + bias``; A int8/fp8 ``[M, K]``, B ``[N, K]`` (or packed int4 with
-    group scales, one group per K step). SPLIT_K > 1 adds fp32 partial sums atomically and leaves the epilogue's
-    per-token scale and bias to the caller."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    """``C = (A @ B^T) * a_scale[m] * w_scale[n] + bias`` for int8 / fp8 ``A: [M, K]`` (or, with A_FUSED, float x
+    quantized per token inside the kernel: one launch for decode) and ``B: [N, K]`` int8 / fp8, or packed int4 with
+    group scales ``[N, K / BLOCK_K]`` (BLOCK_K = group size). ``M_KEY`` only keys the autotuner (M's bucket)."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    k_steps = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_steps, SPLIT_K)
-    for step in range(pid_k * per_split, tl.minimum((pid_k + 1) * per_split, k_steps)):
-        k0 = step * BLOCK_K
-        a_mask = (offs_m[:, None] < M) & (k0 + offs_k[None, :] < K)
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + k0 + offs_k[None, :], mask=a_mask)
-        a = tl.where(a_mask, a, tl.zeros_like(a))  # masked lanes are undefined: zero them in the operand's dtype
-        b = _weight_tile(b_ptr, offs_n, k0, offs_k, N, K, stride_bn, W_INT4, BLOCK_K, BLOCK_N)
-        if W_INT4:
-            part = tl.dot(a, b, out_dtype=tl.int32)
-            gs = tl.load(ws_ptr + offs_n * stride_wsn + step, mask=offs_n < N, other=0.0)
-            acc += part.to(tl.float32) * gs[None, :]
-        elif IS_INT:
-            acc_i = tl.dot(a, b, acc_i, out_dtype=tl.int32)
-        else:
-            acc = tl.dot(a, b, acc)
-    if not W_INT4:
-        if IS_INT:
-            acc = acc_i.to(tl.float32)
-        ws = tl.load(ws_ptr + offs_n, mask=offs_n < N, other=0.0)
-        acc = acc * ws[None, :]
-    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
-    if SPLIT_K > 1:
-        tl.atomic_add(c_ptrs, acc, mask=c_mask)
+    rows = offs_m % M  # wrapped indices keep every load in bounds: no M / N masks in the K loop
+    cols = offs_n % N
+    if A_FUSED:
+        a_scale = _fused_row_scale(a_ptr, rows, K, stride_am, BLOCK_M, AMAX_CHUNK, QMAX)
     else:
-        a_s = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
-        acc = acc * a_s[:, None]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+        a_scale = tl.load(as_ptr + rows)
+    if W_INT4:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        n_groups = K // BLOCK_K
+        # the group scales are not an MMA operand, so Triton's pipeliner leaves them alone: fetch one step ahead
+        gs_next = tl.load(ws_ptr + cols * stride_wsn)
+        for g in range(n_groups):
+            gs = gs_next
+            gs_next = tl.load(ws_ptr + cols * stride_wsn + tl.minimum(g + 1, n_groups - 1))
+            a = _a_tile(a_ptr, rows, g * BLOCK_K, K, stride_am, a_scale, BLOCK_K, A_FUSED, False, False, QMAX)
+            w = _int4_tile(b_ptr, cols, g, stride_bn, BLOCK_K)
+            acc += tl.dot(a, w, out_dtype=tl.int32).to(tl.float32) * gs[None, :]
+    else:
+        if IS_FP8:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            a = _a_tile(a_ptr, rows, k0, K, stride_am, a_scale, BLOCK_K, A_FUSED, not EVEN_K, IS_FP8, QMAX)
+            b = _w8_tile(b_ptr, cols, k0, K, stride_bn, BLOCK_K, not EVEN_K)
+            if IS_FP8:
+                acc = tl.dot(a, b, acc)
+            else:
+                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        acc = acc.to(tl.float32) * tl.load(ws_ptr + cols)[None, :]
+    acc = acc * a_scale[:, None]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tile configurations (GPU). Shared memory per stage = (BLOCK_M + BLOCK_N) * BLOCK_K bytes for 8-bit operands; the
+# largest, 128x256x128 in 4 stages, takes 192 KiB of the 227 KiB an H100/H200 block may use.
+
+
+def _cfg(warps: int, stages: int, **tiles: int) -> triton.Config:
+    return triton.Config(tiles, num_warps=warps, num_stages=stages)
+
+
+LARGE_W8 = [  # M > 16, int8 / fp8 weights: Hopper wgmma tiles, 8 warps = two warpgroups
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8),
+    _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, GROUP_M=8),
+    _cfg(4, 5, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
+]
+LARGE_W4 = [  # M > 16, packed int4 weights; BLOCK_K is the group size, set by the caller. Two accumulators (the
+    # group's int32 and the fp32 sum) plus the unpack live in registers: 128x128 on 8 warps spills, these do not
+    _cfg(8, 4, BLOCK_M=64, BLOCK_N=256, GROUP_M=8),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_N=64, GROUP_M=8),
+    _cfg(8, 4, BLOCK_M=256, BLOCK_N=64, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, GROUP_M=8),
+]
+SMALL_W8 = [  # M <= 16 (BLOCK_M set by the caller): narrow N tiles so that N / BLOCK_N programs fill the GPU
+    _cfg(4, 4, BLOCK_N=16, BLOCK_K=512, GROUP_M=1),
+    _cfg(4, 6, BLOCK_N=16, BLOCK_K=256, GROUP_M=1),
+    _cfg(4, 4, BLOCK_N=32, BLOCK_K=256, GROUP_M=1),
+    _cfg(4, 3, BLOCK_N=32, BLOCK_K=512, GROUP_M=1),
+    _cfg(4, 4, BLOCK_N=64, BLOCK_K=256, GROUP_M=1),
+    _cfg(4, 6, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
+]
+SMALL_W4 = [  # a group of 128 is only BLOCK_N x 64 bytes per K step: deep pipelines keep enough of it in flight
+    _cfg(4, 8, BLOCK_N=16, GROUP_M=1),
+    _cfg(4, 12, BLOCK_N=16, GROUP_M=1),
+    _cfg(4, 6, BLOCK_N=32, GROUP_M=1),
+    _cfg(4, 10, BLOCK_N=32, GROUP_M=1),
+    _cfg(4, 6, BLOCK_N=64, GROUP_M=1),
+    _cfg(8, 8, BLOCK_N=64, GROUP_M=1),
+]
+
+
+def _quick_bench(fn, quantiles):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _tuned(configs: list):
+    return triton.autotune(configs, key=["M_KEY", "N", "K"], do_bench=_quick_bench)(quant_gemm_kernel)
+
+
+# The GPU launchers use these; under the interpreter (and in tests) the launchers pass one explicit config instead.
+GEMM_TUNED = {
+    ("large", "w8"): _tuned(LARGE_W8),
+    ("large", "w4"): _tuned(LARGE_W4),
+    ("small", "w8"): _tuned(SMALL_W8),
+    ("small", "w4"): _tuned(SMALL_W4),
+}

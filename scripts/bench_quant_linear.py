@@ -1,10 +1,12 @@
 """Benchmark (and check) the quantized linear layer on a CUDA GPU against bf16 ``torch.matmul`` in the same run.
 
 Llama-3-8B shapes (K -> N): 4096->6144 (qkv), 4096->4096 (o), 4096->28672 (gate+up), 14336->4096 (down), at
-M = 1, 16, 256, 4096, 16384. Times include the activation quantization. Ceilings (bf16 / int8 / fp8 GEMM at 8192^3,
-device copy bandwidth) are measured first, in the same run.
+M = 1, 16, 256, 4096, 16384. Every time includes the activation quantization (and the rotation for +had128).
+First the ceilings (bf16 / int8 / fp8 GEMM at 8192^3, device copy bandwidth), then every path is checked against the
+fp32 reference at K=4096, N=6144 (a failure prints its traceback), then timed. About 4-5 minutes on an H200, most of
+it compiling and autotuning the Triton kernels.
 
-    python scripts/bench_quant_linear.py [--out results.md] [--quick]
+    python scripts/bench_quant_linear.py --out results.md [--quick]
 """
 
 from __future__ import annotations
@@ -13,21 +15,68 @@ import argparse
 import datetime
 import subprocess
 import sys
+import traceback
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 MS = [1, 16, 256, 4096, 16384]
+GROUP = 128  # int4 group size of the w4a8 rows
+HADAMARD = 128
 
 
-def bench(fn, reps: int = 50) -> float:
+@dataclass
+class Path:
+    """One way to compute the layer: ``run(x, weights, out_dtype)``; ``precision`` keys the weights it takes."""
+
+    name: str
+    precision: str
+    run: Callable
+    takes: Callable[[int], bool] = lambda m: True
+
+
+def make_weights(w: torch.Tensor) -> dict:
+    """The bf16 weight and its int8, fp8 and int4 (groups of 128) quantizations: ``(weight_q, scale, group, act)``."""
+    from compressor.kernels import quant_reference as ref
+
+    q4, s4 = ref.quantize_weight_int4_groups(w, GROUP)
+    return {"bf16": (w, None, 0, None), "int8": (*ref.quantize_weight_per_channel(w, "int8"), 0, "int8"),
+            "fp8": (*ref.quantize_weight_per_channel(w, "fp8"), 0, "fp8"), "w4a8": (ref.pack_int4(q4), s4, GROUP, "int8")}
+
+
+def paths() -> list[Path]:
+    from compressor.kernels.quant_activation import quantize_activation
+    from compressor.kernels.quant_linear import FUSED_MAX_M, SMALL_M, quant_linear, triton_linear_fused
+
+    def layer(backend: str, hadamard: int = 0):
+        return lambda x, p, od: quant_linear(x, p[0], p[1], None, p[3], p[2], hadamard, od, backend)
+
+    def fused(x, p, od):
+        return triton_linear_fused(x, p[0], p[1], None, p[3], p[2], od)
+
+    decode_not_fused = lambda m: FUSED_MAX_M < m <= SMALL_M  # noqa: E731
+    return [
+        Path("bf16", "bf16", lambda x, p, od: (x @ p[0].t()).to(od)),
+        Path("int8 triton", "int8", layer("triton")),
+        Path("int8 triton fused", "int8", fused, decode_not_fused),
+        Path("int8 _int_mm", "int8", layer("torch"), lambda m: m > SMALL_M),
+        Path("fp8 triton", "fp8", layer("triton")),
+        Path("fp8 triton fused", "fp8", fused, decode_not_fused),
+        Path("fp8 _scaled_mm", "fp8", layer("torch")),
+        Path("w4a8 triton", "w4a8", layer("triton")),
+        Path("w4a8 triton fused", "w4a8", fused, decode_not_fused),
+        Path("int8+had128 triton", "int8", layer("triton", HADAMARD)),
+        Path("act quant int8", "int8", lambda x, p, od: quantize_activation(x, "int8")),
+        Path("act quant+had128", "int8", lambda x, p, od: quantize_activation(x, "int8", hadamard_block=HADAMARD)),
+    ]
+
+
+def bench(fn: Callable, rep: int = 30) -> float:
     import triton.testing
 
-    try:
-        return triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median")
-    except Exception as err:  # one failing path must not lose the other numbers
-        print(f"FAILED: {type(err).__name__}: {str(err)[:300]}", flush=True)
-        return float("nan")
+    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
 
 
 def ceilings() -> dict[str, float]:
@@ -40,104 +89,124 @@ def ceilings() -> dict[str, float]:
     out["int8 TOPS (_int_mm)"] = 2 * n**3 / bench(lambda: torch._int_mm(ai, bi)) / 1e9
     af, bf = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()
     one = torch.ones((), device="cuda")
-    out["fp8 TFLOP/s (_scaled_mm)"] = 2 * n**3 / bench(lambda: torch._scaled_mm(af, bf, one, one, out_dtype=torch.bfloat16)) / 1e9
+    fp8_mm = lambda: torch._scaled_mm(af, bf, one, one, out_dtype=torch.bfloat16)  # noqa: E731
+    out["fp8 TFLOP/s (_scaled_mm)"] = 2 * n**3 / bench(fp8_mm) / 1e9
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
     out["copy GB/s"] = 2 * x.numel() / bench(lambda: y.copy_(x)) / 1e6
     return out
 
 
-def check(prec: str, k: int, n: int, m: int) -> float:
-    """Relative error of the fast path vs the float64-accumulated reference on fresh random bf16 inputs."""
-    from compressor.kernels import quant_reference as ref
-    from compressor.kernels.quant_linear import quant_linear
-
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    x[:, :8] *= 20  # outlier channels
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
-    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    wq, ws, gs, act = weights(prec, w)
-    had = 128 if prec.endswith("+had") else 0
-    y = quant_linear(x, wq, ws, bias, act, gs, had)
-    yr = ref.quant_linear_reference(x.float(), wq, ws, bias.float(), act, gs, had, torch.float32)
-    assert torch.isfinite(y).all()
-    return float((y.float() - yr).norm() / yr.norm())
-
-
-def weights(prec: str, w: torch.Tensor):
+def check(path: Path, weights: dict, x: torch.Tensor) -> str:
+    """Max and norm relative error of one path vs the fp32 reference (fp32 output, so only the kernel's numerics
+    count), or for the activation rows the share of codes that differ from the reference's."""
     from compressor.kernels import quant_reference as ref
 
-    if prec.startswith("w4a8"):
-        q, s = ref.quantize_weight_int4_groups(w, 128)
-        return ref.pack_int4(q), s, 128, "int8"
-    kind = "fp8" if prec.startswith("fp8") else "int8"
-    q, s = ref.quantize_weight_per_channel(w, kind)
-    return q, s, 0, kind
+    wq, ws, group, act = weights[path.precision]
+    had = HADAMARD if "had128" in path.name else 0
+    if path.name.startswith("act quant"):
+        q, s = path.run(x, weights[path.precision], torch.float32)
+        qr, sr = ref.quantize_activation_reference(x.float(), "int8", hadamard_block=had)
+        off_by = (q.int() - qr.int()).abs().max()
+        return f"codes differing {(q != qr).float().mean():.1e} (max {off_by}), scale rel {((s - sr).abs() / sr).max():.1e}"
+    y = path.run(x, weights[path.precision], torch.float32)
+    torch.cuda.synchronize()
+    yr = ref.quant_linear_reference(x.float(), wq, ws, None, act, group, had, torch.float32)
+    if not torch.isfinite(y).all():
+        return "NON-FINITE OUTPUT"
+    return f"max rel {(y - yr).abs().max() / yr.abs().max():.1e}, norm rel {(y - yr).norm() / yr.norm():.1e}"
+
+
+def weight_bytes(precision: str, n: int, k: int) -> int:
+    return {"bf16": 2 * n * k, "int8": n * k, "fp8": n * k, "w4a8": n * k // 2 + n * (k // GROUP) * 4}[precision]
+
+
+def autotuned_configs() -> list[str]:
+    """What the autotuner chose, per kernel and key (M bucket, N, K, dtypes): the data to freeze a table from."""
+    from compressor.kernels import quant_triton
+
+    lines = []
+    for (size, weight), tuner in quant_triton.GEMM_TUNED.items():
+        for key, cfg in getattr(tuner, "cache", {}).items():
+            lines.append(f"| {size} {weight} | {key} | {cfg} |")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="quant_linear_h200.md")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="quant_linear_h200.md", help="markdown file to write the results to")
+    parser.add_argument("--quick", action="store_true", help="M = 1, 16, 4096 on two shapes")
     args = parser.parse_args()
-    from compressor.kernels.quant_activation import quantize_activation
-    from compressor.kernels.quant_linear import quant_linear, torch_gemm, triton_gemm
-
     import triton
 
     torch.manual_seed(0)
-    lines = []
     ceil = ceilings()
-    errors = []
-    for prec in ["int8", "fp8", "w4a8", "int8+had"]:
-        for m in (1, 16, 300):
+    print("ceilings:", ", ".join(f"{a} {b:.0f}" for a, b in ceil.items()), flush=True)
+    all_paths = paths()
+
+    k, n = 4096, 6144  # correctness first: a path that fails here prints why, and is still timed (it may fail again)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    weights = make_weights(w)
+    checks = []
+    for m in (1, 16, 300):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        x[:, :8] *= 20  # outlier channels
+        for path in all_paths:
+            if path.name == "bf16" or not path.takes(m):
+                continue
             try:
-                errors.append((prec, m, check(prec, 4096, 6144, m)))
-            except Exception as err:
-                print(f"CHECK FAILED {prec} M={m}: {type(err).__name__}: {str(err)[-1500:]}", flush=True)
-                errors.append((prec, m, float("nan")))
-    ms = [1, 256] if args.quick else MS
+                result = check(path, weights, x)
+            except Exception:
+                print(f"CHECK FAILED {path.name} M={m}:\n{traceback.format_exc()}", flush=True)
+                result = "FAILED: " + traceback.format_exc().strip().splitlines()[-1][:200]
+            checks.append((path.name, m, result))
+            print(f"check {path.name} M={m}: {result}", flush=True)
+
+    shapes = SHAPES[1::2] if args.quick else SHAPES
     rows = []
-    for k, n in SHAPES:
+    for k, n in shapes:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
-        packs = {p: weights(p, w) for p in ("int8", "fp8", "w4a8")}
-        for m in ms:
+        weights = make_weights(w)
+        for m in ([1, 16, 4096] if args.quick else MS):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            flops = 2 * m * n * k
-            t = {"bf16": bench(lambda: x @ w.t())}
-            wq, ws, _, _ = packs["int8"]
-            t["int8 triton"] = bench(lambda: triton_gemm(*quantize_activation(x, "int8"), wq, ws, None, torch.bfloat16))
-            if m > 16:
-                t["int8 _int_mm"] = bench(lambda: torch_gemm(*quantize_activation(x, "int8"), wq, ws, None, torch.bfloat16))
-            fq, fs, _, _ = packs["fp8"]
-            t["fp8 _scaled_mm"] = bench(lambda: quant_linear(x, fq, fs, None, "fp8"))
-            pq, ps, _, _ = packs["w4a8"]
-            t["w4a8 triton"] = bench(lambda: quant_linear(x, pq, ps, None, "int8", 128))
-            t["act quant"] = bench(lambda: quantize_activation(x, "int8"))
-            t["act quant+had128"] = bench(lambda: quantize_activation(x, "int8", hadamard_block=128))
-            wbytes = {"bf16": 2 * n * k, "int8 triton": n * k, "int8 _int_mm": n * k, "fp8 _scaled_mm": n * k,
-                      "w4a8 triton": n * k // 2 + n * (k // 128) * 4}
-            for name, ms_ in t.items():
-                if name.startswith("act"):
-                    rows.append((k, n, m, name, ms_, "", ""))
+            times = {}
+            for path in all_paths:
+                if not path.takes(m):
                     continue
-                tflops = flops / ms_ / 1e9
-                gbs = (wbytes[name] + 2 * m * k + 2 * m * n) / ms_ / 1e6 if m <= 16 else None
-                rows.append((k, n, m, name, ms_, f"{tflops:.1f}", f"{gbs:.0f}" if gbs else ""))
-            print(f"{k}->{n} M={m}: " + ", ".join(f"{a} {b:.4f}ms" for a, b in t.items()), flush=True)
-    gpu = torch.cuda.get_device_name()
-    lines += [
-        "# Quantized linear layer, " + gpu, "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+                try:
+                    times[path.name] = bench(lambda: path.run(x, weights[path.precision], torch.bfloat16))
+                except Exception:
+                    print(f"FAILED {path.name} {k}->{n} M={m}:\n{traceback.format_exc()}", flush=True)
+                    times[path.name] = float("nan")
+            for name, t in times.items():
+                path = next(p for p in all_paths if p.name == name)
+                if name.startswith("act"):
+                    rows.append((k, n, m, name, t, "", "", "", ""))
+                    continue
+                gbs = (weight_bytes(path.precision, n, k) + 2 * m * k + 2 * m * n) / t / 1e6
+                decode = m <= 16
+                rows.append((k, n, m, name, t, f"{times['bf16'] / t:.2f}", f"{2 * m * n * k / t / 1e9:.1f}",
+                             f"{gbs:.0f}" if decode else "", f"{100 * gbs / ceil['copy GB/s']:.0f}%" if decode else ""))
+            print(f"{k}->{n} M={m}: " + ", ".join(f"{a} {b:.4f}ms" for a, b in times.items()), flush=True)
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    lines = [
+        "# Quantized linear layer, " + torch.cuda.get_device_name(), "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; commit {commit or 'unknown'}",
         f"- torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}",
-        f"- command: `python {' '.join(sys.argv)}`; times: `triton.testing.do_bench` median, activation quantization included",
-        "- ceilings measured in the same run (8192^3; copy = read + write): "
-        + ", ".join(f"{a} {b:.0f}" for a, b in ceil.items()),
-        "", "## Correctness at K=4096, N=6144 (bf16 inputs with outlier channels; rel. error vs the fp32 reference)", "",
-        "| precision | M | rel. error |", "|---|---|---|",
-        *[f"| {p} | {m} | {e:.2e} |" for p, m, e in errors],
-        "", "## Speed", "", "| K->N | M | path | ms | TFLOP/s (TOPS) | GB/s (M<=16) |", "|---|---|---|---|---|---|",
-        *[f"| {k}->{n} | {m} | {name} | {t:.4f} | {tf} | {gb} |" for k, n, m, name, t, tf, gb in rows],
+        f"- command: `python {' '.join(sys.argv)}`; times: `triton.testing.do_bench` median (L2 flushed), activation"
+        " quantization included; `x bf16` = bf16 time / this time",
+        "- ceilings measured in the same run (8192^3; copy = read + write): " + ", ".join(f"{a} {b:.0f}" for a, b in ceil.items()),
+        "", "## Correctness at K=4096, N=6144 (bf16 x with outlier channels, fp32 output vs the fp32 reference)", "",
+        "| path | M | result |", "|---|---|---|",
+        *[f"| {p} | {m} | {r} |" for p, m, r in checks],
+        "", "## Speed", "",
+        "| K->N | M | path | ms | x bf16 | TFLOP/s (TOPS) | GB/s (M<=16) | % of copy |", "|---|---|---|---|---|---|---|---|",
+        *[f"| {k}->{n} | {m} | {name} | {t:.4f} | {sp} | {tf} | {gb} | {pc} |" for k, n, m, name, t, sp, tf, gb, pc in rows],
+        "", "## Autotuned GEMM configs", "", "| kernel | key | config |", "|---|---|---|", *autotuned_configs(),
     ]
     text = "\n".join(lines) + "\n"
     with open(args.out, "w") as f:
