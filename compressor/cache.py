@@ -184,7 +184,7 @@ class PlanCacheLayer(CacheLayerMixin):
         keep = valid[:, None, None]
         self.keys[rows, slot] = torch.where(keep, keys[:, :, 0], self.keys[rows, slot])
         self.values[rows, slot] = torch.where(keep, values[:, :, 0], self.values[rows, slot])
-        self.lengths = self.lengths + valid.to(torch.int64)
+        self.lengths.add_(valid.to(torch.int64))  # in place: a CUDA graph of this step advances the same tensor
 
     def _store_chunk(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
         """Prefill chunk: each row's valid tokens, the ones its regions keep (no two tokens share a slot)."""

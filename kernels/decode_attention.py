@@ -10,16 +10,20 @@ Semantics (the reference below is the spec): one query per row, the row's newest
 ``N = length[b]``. Query head ``h`` (KV head ``h // group``) sees stored token ``j`` when ``j < sink[h]`` or
 ``N - 1 - j < window[b, h]``. A row with nothing visible returns zeros.
 
-The kernel: one program per (row, KV head, split) loads each K/V tile once for all query heads of its GQA group
-(``tl.dot`` of a ``[BLOCK_H, D]`` query tile), an online softmax over its share of the stored tokens, and writes a
-partial result with its log-sum-exp; a second kernel merges the splits per query head. Triton is imported on first
-use; this module imports nothing else of compressor.
+The kernel: one program per (chunk of one KV head's stored tokens, row) loads each K/V tile once for all query heads
+of its GQA group (``tl.dot`` of a ``[BLOCK_H, D]`` query tile) and runs an online softmax over its chunk, reading
+only the tokens the group can see (the sink part, then the ring from the widest window on). Chunks are sized once per
+shape (:func:`decode_launch`, cached) so that the batch makes a few programs per SM, each KV head cut in proportion to
+its capacity; a head cut into one chunk writes its output directly, others write partials with their log-sum-exp and
+a second kernel merges them. A call does no host synchronisation and allocates only by shape (CUDA-graph capturable).
+Triton is imported on first use; this module imports nothing else of compressor.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
@@ -99,54 +103,59 @@ def decode_attention_reference(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _decode_split(
-    Q, K, V, RegionStart, SinkCap, RingCap, Length, Sink, Window, OPart, LsePart,
-    stride_qb, stride_qh, stride_kb, stride_kn, stride_vb, stride_vn, stride_wb,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-    kv_heads, split_size, scale, softcap,
+def _decode_chunk(
+    Q, K, V, RegionStart, SinkCap, RingCap, Table, Length, Sink, Window, Out, OPart,
+    stride_qb, stride_qh, stride_kb, stride_kn, stride_vb, stride_vn, stride_wb, stride_wh, stride_outb, stride_outh,
+    kv_heads, programs, chunk_tokens, scale, softcap,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One (row, KV head, split): online softmax of the group's query heads over a slice of the stored tokens."""
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    b = pid // kv_heads
-    g = pid % kv_heads
-    n = tl.load(Length + b).to(tl.int32)
+    """One (chunk of one KV head, row): online softmax of the group's query heads over ``chunk_tokens`` of the stored
+    tokens the group can see. A head cut into one chunk writes its output; others write a partial and its lse."""
+    r = tl.program_id(0)
+    b = tl.program_id(1)
+    g = tl.load(Table + r)
+    c = tl.load(Table + programs + r)
+    head_chunks = tl.load(Table + 2 * programs + kv_heads + g)
     region = tl.load(RegionStart + g)
     sink_cap = tl.load(SinkCap + g)
     ring_cap = tl.load(RingCap + g)
+    n = tl.load(Length + b).to(tl.int32)
 
     offs_h = tl.arange(0, BLOCK_H)
     h_ok = offs_h < GROUP
     heads = g * GROUP + offs_h
-    sink_h = tl.load(Sink + heads, mask=h_ok, other=0)
-    win_h = tl.load(Window + b * stride_wb + heads, mask=h_ok, other=0)
-    w_max = tl.max(win_h, axis=0)
-    # stored tokens worth reading: the sink part, then the ring from the group's widest window on
+    sink_h = tl.load(Sink + heads, mask=h_ok, other=0).to(tl.int32)
+    win_h = tl.load(Window + b * stride_wb + heads * stride_wh, mask=h_ok, other=0).to(tl.int32)
+    # stored tokens worth reading: the sink part, then the ring from the group's widest window on (never more than
+    # the ring holds); stored index u < n_sink is slot u, u >= n_sink is token ring_lo + u - n_sink
     n_sink = tl.minimum(n, sink_cap)
-    ring_lo = tl.maximum(sink_cap, n - w_max)
+    ring_lo = tl.maximum(tl.maximum(sink_cap, n - tl.max(win_h, axis=0)), n - ring_cap)
     n_ring = tl.minimum(tl.maximum(n - ring_lo, 0), ring_cap)
-    total = n_sink + n_ring
-    t0 = split * split_size
-    t1 = tl.minimum(total, t0 + split_size)
+    t0 = c * chunk_tokens
+    t1 = tl.minimum(n_sink + n_ring, t0 + chunk_tokens)
+    ring = tl.maximum(ring_cap, 1)
+    ring_first = (ring_lo - sink_cap) % ring  # ring position of token ring_lo: one modulo per program, not per key
 
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=h_ok[:, None], other=0.0)
+    # 64-bit row and region base once; offsets inside a region stay 32-bit in the loop
+    k_base = K + b.to(tl.int64) * stride_kb + region.to(tl.int64) * stride_kn
+    v_base = V + b.to(tl.int64) * stride_vb + region.to(tl.int64) * stride_vn
     m_i = tl.full([BLOCK_H], -float("inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
     log2e: tl.constexpr = 1.4426950408889634
-    ring = tl.maximum(ring_cap, 1)
     for t in range(t0, t1, BLOCK_N):
         offs_t = t + tl.arange(0, BLOCK_N)
         in_range = offs_t < t1
         in_sink_part = offs_t < n_sink
+        pos = ring_first + offs_t - n_sink
+        pos = tl.where(pos >= ring, pos - ring, pos)
+        slot = tl.where(in_sink_part, offs_t, sink_cap + pos)
         j = tl.where(in_sink_part, offs_t, ring_lo + offs_t - n_sink)
-        slot = tl.where(in_sink_part, offs_t, sink_cap + (j - sink_cap) % ring)
-        rows = (region + slot).to(tl.int64)
-        k = tl.load(K + b * stride_kb + rows[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0)
-        v = tl.load(V + b * stride_vb + rows[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        k = tl.load(k_base + slot[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        v = tl.load(v_base + slot[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
         if HAS_SOFTCAP:  # tanh(x) = 2 sigmoid(2x) - 1
             qk = softcap * (2.0 * tl.sigmoid(2.0 * qk / softcap) - 1.0)
@@ -162,36 +171,49 @@ def _decode_split(
 
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), -float("inf"))  # log2 domain
-    o_ptrs = OPart + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
-    tl.store(o_ptrs, out, mask=h_ok[:, None])
-    tl.store(LsePart + b * stride_lb + heads * stride_lh + split, lse, mask=h_ok)
+    if head_chunks == 1:
+        o_ptrs = Out + b * stride_outb + heads[:, None] * stride_outh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=h_ok[:, None])
+    else:  # OPart: [batch, programs, GROUP, HEAD_DIM] partial outputs, then [batch, programs, GROUP] lse (log2)
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), -float("inf"))
+        row = (b * programs + r) * GROUP + offs_h
+        tl.store(OPart + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=h_ok[:, None])
+        tl.store(OPart + tl.num_programs(1) * programs * GROUP * HEAD_DIM + row, lse, mask=h_ok)
 
 
 def _decode_merge(
-    OPart, LsePart, Out,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
-    q_heads, num_splits,
-    SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    OPart, Table, Out, stride_outb, stride_outh, kv_heads, programs,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """One (row, query head): weight each split's partial output by its share of the softmax mass."""
-    pid = tl.program_id(0)
-    b = pid // q_heads
-    h = pid % q_heads
-    offs_s = tl.arange(0, SPLITS)
-    s_ok = offs_s < num_splits
-    lse = tl.load(LsePart + b * stride_lb + h * stride_lh + offs_s, mask=s_ok, other=-float("inf"))
-    m = tl.max(lse, axis=0)
-    m_use = tl.where(m == -float("inf"), 0.0, m)
-    w = tl.where(s_ok, tl.exp2(lse - m_use), 0.0)
-    denom = tl.sum(w, axis=0)
-    offs_d = tl.arange(0, HEAD_DIM)
-    parts = tl.load(
-        OPart + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
-        mask=s_ok[:, None] & (w[:, None] > 0), other=0.0,
-    )
-    out = tl.sum(parts * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(Out + b * stride_outb + h * stride_outh + offs_d, out.to(Out.dtype.element_ty))
+    """One (query head, row, BLOCK_D slice of the head dim) of a head cut into several chunks: weight each chunk's
+    partial output by its share of the softmax mass (heads of one chunk were written by _decode_chunk). Up to SPLITS
+    chunks are read in one step, so that most heads merge in one round trip to memory."""
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    g = h // GROUP
+    first = tl.load(Table + 2 * programs + g)
+    count = tl.load(Table + 2 * programs + kv_heads + g)
+    if count > 1:
+        lse_base = OPart + tl.num_programs(1) * programs * GROUP * HEAD_DIM
+        offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        m_i = tl.max(tl.full([SPLITS], -float("inf"), dtype=tl.float32), axis=0)  # scalar tensors: loop-carried
+        l_i = tl.sum(tl.zeros([SPLITS], dtype=tl.float32), axis=0)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for s0 in range(0, count, SPLITS):
+            offs_s = s0 + tl.arange(0, SPLITS)
+            row = (b * programs + first + offs_s) * GROUP + h % GROUP
+            lse = tl.load(lse_base + row, mask=offs_s < count, other=-float("inf"))
+            m_new = tl.maximum(m_i, tl.max(lse, axis=0))
+            m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
+            w = tl.exp2(lse - m_use)
+            # every chunk program wrote its partial (zeros where it saw nothing): the load does not wait on the lse
+            parts = tl.load(OPart + row[:, None] * HEAD_DIM + offs_d[None, :], mask=(offs_s < count)[:, None], other=0.0)
+            corr = tl.exp2(m_i - m_use)
+            acc = acc * corr + tl.sum(parts * w[:, None], axis=0)
+            l_i = l_i * corr + tl.sum(w, axis=0)
+            m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)
+        tl.store(Out + b * stride_outb + h * stride_outh + offs_d, out.to(Out.dtype.element_ty))
 
 
 @functools.lru_cache(maxsize=None)
@@ -202,26 +224,101 @@ def _triton_kernels() -> SimpleNamespace:
 
     globals()["tl"] = triton.language
     return SimpleNamespace(
-        triton=triton, split=triton.jit(_decode_split), merge=triton.jit(_decode_merge), interpret=interpreting()
+        triton=triton, chunk=triton.jit(_decode_chunk), merge=triton.jit(_decode_merge), interpret=interpreting()
     )
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Launch plan: how a shape is cut into programs, decided once per shape (no host work per call beyond a lookup)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """How one decode shape is cut into programs: per row, ``chunks_per_head[g]`` programs for KV head ``g``, each
+    over up to ``chunk_tokens`` of its stored tokens (sized on the regions' capacity, so the grid never depends on
+    the lengths and a CUDA graph can replay it)."""
+
+    block_n: int
+    chunk_tokens: int
+    chunks_per_head: tuple[int, ...]
+    num_warps: int
+    num_stages: int
+    table: torch.Tensor = field(repr=False)  # int32 [2 * programs + 2 * kv_heads], see _launch_table
+
+    @property
+    def programs(self) -> int:
+        """Programs per row (the grid is ``(programs, batch)``)."""
+        return sum(self.chunks_per_head)
+
+    @property
+    def needs_merge(self) -> bool:
+        return max(self.chunks_per_head) > 1
+
+    @property
+    def merge_splits(self) -> int:
+        """Chunks the merge kernel weighs per step (a power of two; more chunks loop)."""
+        return min(256, max(2, triton_next_pow2(max(self.chunks_per_head))))
+
+    def merge_block_d(self, head_dim: int) -> int:
+        """Head-dim slice per merge program: the [splits, slice] tile stays at 8192 values (64 per thread)."""
+        return max(16, min(head_dim, 8192 // self.merge_splits))
+
+
+def _launch_table(chunks_per_head: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Per program: its KV head, then its chunk index; per KV head: its first program, then its program count."""
+    head = [g for g, c in enumerate(chunks_per_head) for _ in range(c)]
+    index = [i for c in chunks_per_head for i in range(c)]
+    first = [sum(chunks_per_head[:g]) for g in range(len(chunks_per_head))]
+    return torch.tensor(head + index + first + list(chunks_per_head), dtype=torch.int32, device=device)
+
 
 @functools.lru_cache(maxsize=None)
-def _program_target(device_index: int) -> int:
-    """Programs worth launching to fill the GPU: two per SM."""
-    return 2 * torch.cuda.get_device_properties(device_index).multi_processor_count
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=256)
+def decode_launch(
+    batch: int,
+    capacity: tuple[int, ...],
+    device: torch.device,
+    block_n: int | None = None,
+    num_splits: int | None = None,
+    programs: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> DecodeLaunch:
+    """The launch plan for ``batch`` rows over KV heads holding up to ``capacity[g]`` tokens, cached per shape.
+
+    Chunks are whole ``block_n`` tiles, sized so that the whole batch makes about ``programs`` programs (default four
+    per SM: several resident per SM keep enough loads in flight); ``num_splits`` instead cuts the largest head into
+    that many chunks. Build it before capturing a CUDA graph (its table is copied to the device once).
+    """
+    interpret = interpreting()  # small tiles and few programs keep the CPU interpreter quick
+    block_n = block_n or (16 if interpret else 64)
+    tiles = [max(1, -(-cap // block_n)) for cap in capacity]
+    if num_splits is not None:
+        chunk_tiles = -(-max(tiles) // max(1, num_splits))
+    else:
+        sms = _sm_count(device.index or 0) if device.type == "cuda" else 132  # 132: an H100/H200, for compile checks
+        target = programs or (4 if interpret else 4 * sms)
+        chunk_tiles = max(1, -(-batch * sum(tiles) // target))
+    chunks = tuple(-(-t // chunk_tiles) for t in tiles)
+    return DecodeLaunch(block_n, chunk_tiles * block_n, chunks, num_warps, num_stages, _launch_table(chunks, device))
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_on_device(
+    region_start: tuple[int, ...], sink_cap: tuple[int, ...], ring_cap: tuple[int, ...], device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    layout = torch.tensor([region_start, sink_cap, ring_cap], dtype=torch.int32, device=device)
+    return layout[0], layout[1], layout[2]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _as_int32(x: torch.Tensor | list[int], device: torch.device) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x.to(device=device, dtype=torch.int32)
-    return torch.tensor(x, dtype=torch.int32, device=device)
 
 
 def decode_attention_triton(
@@ -235,53 +332,60 @@ def decode_attention_triton(
     length: torch.Tensor,
     sink: torch.Tensor,
     window: torch.Tensor,
-    max_tokens: int,
+    max_tokens: int | None = None,
     scale: float | None = None,
     softcap: float | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,
+    launch: DecodeLaunch | None = None,
 ) -> torch.Tensor:
     """The Triton kernel with the reference's arguments (runs on CPU tensors under TRITON_INTERPRET=1).
 
-    ``max_tokens``: the largest ``sink_cap + ring_cap`` (known to the caller; keeps the launch free of host syncs).
+    The layout as lists lets each KV head get programs for its own capacity; as device tensors it needs
+    ``max_tokens`` (the largest ``sink_cap + ring_cap``) and every head is sized for it. ``length`` and ``window`` may
+    be int32 or int64. No host synchronisation and no value-dependent allocation: a CUDA graph can capture it once
+    the same shape ran eagerly. ``launch`` overrides the cached launch plan (benchmarks).
     """
     kern = _triton_kernels()
     batch, q_heads, head_dim = q.shape
     kv_heads = len(region_start)
-    group = q_heads // kv_heads
     if q_heads % kv_heads or head_dim & (head_dim - 1) or head_dim < 16:
         raise ValueError(f"q_heads {q_heads} must be a multiple of kv_heads {kv_heads}; head_dim {head_dim} a power of 2 >= 16")
     device = q.device
-    q = q.contiguous()
-    k_buf, v_buf = k_buf.contiguous(), v_buf.contiguous()
-    window = window.to(device=device, dtype=torch.int32).contiguous()
-    block_n = block_n or (16 if kern.interpret else 64)
-    tiles = max(1, -(-max_tokens // block_n))
-    if num_splits is None:
-        target = 4 if device.type != "cuda" else _program_target(device.index or 0)
-        num_splits = min(tiles, max(1, -(-target // (batch * kv_heads))), 64)
-    split_tiles = -(-tiles // num_splits)
-    num_splits = -(-tiles // split_tiles)
-    o_part = torch.empty(batch, q_heads, num_splits, head_dim, dtype=torch.float32, device=device)
-    lse_part = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=device)
+    if isinstance(region_start, torch.Tensor):
+        if max_tokens is None:
+            raise ValueError("pass max_tokens (the largest sink_cap + ring_cap) with a layout given as tensors")
+        capacity = (max_tokens,) * kv_heads
+        layout = (region_start, sink_cap, ring_cap)
+    else:
+        capacity = tuple(s + r for s, r in zip(sink_cap, ring_cap))
+        layout = _layout_on_device(tuple(region_start), tuple(sink_cap), tuple(ring_cap), device)
+    launch = launch or decode_launch(batch, capacity, device, block_n, num_splits)
+    group = q_heads // kv_heads
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k_buf = k_buf if k_buf.stride(-1) == 1 else k_buf.contiguous()
+    v_buf = v_buf if v_buf.stride(-1) == 1 else v_buf.contiguous()
     out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype, device=device)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    kern.split[(batch * kv_heads, num_splits)](
-        q, k_buf, v_buf,
-        _as_int32(region_start, device), _as_int32(sink_cap, device), _as_int32(ring_cap, device),
-        length.to(device=device, dtype=torch.int32), _as_int32(sink, device), window, o_part, lse_part,
-        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1), window.stride(0),
-        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
-        kv_heads, split_tiles * block_n, float(head_dim**-0.5 if scale is None else scale), float(softcap or 1.0),
-        GROUP=group, BLOCK_H=max(16, triton_next_pow2(group)), HEAD_DIM=head_dim, BLOCK_N=block_n,
-        HAS_SOFTCAP=softcap is not None, DOT_PRECISION=precision, num_warps=4, num_stages=2,
+    programs = launch.programs
+    # one scratch buffer: partial outputs, then their lse (only heads cut into several chunks use it)
+    scratch = out
+    if launch.needs_merge:
+        scratch = torch.empty(batch * programs * group * (head_dim + 1), dtype=torch.float32, device=device)
+    kern.chunk[(programs, batch)](
+        q, k_buf, v_buf, *layout, launch.table, length, sink, window, out, scratch,
+        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+        window.stride(0), window.stride(1), out.stride(0), out.stride(1),
+        kv_heads, programs, launch.chunk_tokens, float(head_dim**-0.5 if scale is None else scale), float(softcap or 1.0),
+        GROUP=group, BLOCK_H=max(16, triton_next_pow2(group)), HEAD_DIM=head_dim, BLOCK_N=launch.block_n,
+        HAS_SOFTCAP=softcap is not None, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
-    kern.merge[(batch * q_heads,)](
-        o_part, lse_part, out,
-        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
-        out.stride(0), out.stride(1), q_heads, num_splits,
-        SPLITS=max(2, triton_next_pow2(num_splits)), HEAD_DIM=head_dim, num_warps=4,
-    )  # fmt: skip
+    if launch.needs_merge:
+        block_d = launch.merge_block_d(head_dim)
+        kern.merge[(q_heads, batch, head_dim // block_d)](
+            scratch, launch.table, out, out.stride(0), out.stride(1), kv_heads, programs,
+            GROUP=group, HEAD_DIM=head_dim, SPLITS=launch.merge_splits, BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
     return out
 
 
@@ -321,18 +425,15 @@ def decode_attention(
 ) -> torch.Tensor:
     """Decode attention for the cache: the Triton kernel on CUDA, the reference elsewhere.
 
-    Shapes as :func:`decode_attention_reference`; ``device_meta`` may carry ``region_start``, ``sink_cap`` and
-    ``ring_cap`` already on the device (int32), so that a decode step makes no host-to-device copies.
+    Shapes as :func:`decode_attention_reference`. ``device_meta`` is accepted for compatibility and not needed: the
+    layout's device copy and the launch plan are built once per shape and cached, so a step makes no copies.
     """
     if unsupported_reason(q, k_buf) is not None:
         return decode_attention_reference(
             q, k_buf, v_buf, region_start=region_start, sink_cap=sink_cap, ring_cap=ring_cap, length=length,
             sink=sink, window=window, scale=scale, softcap=softcap,
         )  # fmt: skip
-    meta = device_meta or {}
     return decode_attention_triton(
-        q, k_buf, v_buf,
-        region_start=meta.get("region_start", region_start), sink_cap=meta.get("sink_cap", sink_cap),
-        ring_cap=meta.get("ring_cap", ring_cap), length=length, sink=sink, window=window,
-        max_tokens=max(s + r for s, r in zip(sink_cap, ring_cap)), scale=scale, softcap=softcap,
+        q, k_buf, v_buf, region_start=region_start, sink_cap=sink_cap, ring_cap=ring_cap, length=length, sink=sink,
+        window=window, scale=scale, softcap=softcap,
     )  # fmt: skip

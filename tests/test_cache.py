@@ -120,6 +120,22 @@ def test_chunked_prefill_into_a_filled_cache_keeps_the_window_semantics(family):
     assert torch.equal(got_tokens, want_tokens)
 
 
+@torch.no_grad()
+def test_a_decode_step_advances_the_same_tensors():
+    # what replaying a captured decode step (CUDA graphs) relies on: no tensor of the cache is replaced
+    model = runtime.apply(tiny_model("llama"), _plan(tiny_model("llama")))
+    ids, mask = _left_padded([9, 6], seed=5)
+    cache = make_cache(model, batch_size=2, max_length=ids.shape[1] + 4)
+    name = _cache_kwarg(model)
+    model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **{name: cache})
+    layer = cache.layers[0]
+    held, lengths = [t.data_ptr() for t in (layer.lengths, layer.keys, layer.values)], layer.lengths.clone()
+    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    model(ids[:, -1:], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1, use_cache=True, **{name: cache})
+    assert [t.data_ptr() for t in (layer.lengths, layer.keys, layer.values)] == held
+    assert torch.equal(layer.lengths, lengths + 1)
+
+
 def test_cache_bytes_are_within_5_percent_of_the_ideal():
     model = runtime.apply(tiny_model("llama"), _plan(tiny_model("llama")))
     ids, mask = _left_padded([30, 30, 30], seed=4)

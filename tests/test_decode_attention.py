@@ -21,6 +21,7 @@ if not ON_GPU:
 from compressor.kernels.decode_attention import (  # noqa: E402
     decode_attention_reference,
     decode_attention_triton,
+    decode_launch,
     slot_tokens,
 )
 from compressor.kernels.reference import naive_attention  # noqa: E402
@@ -106,6 +107,71 @@ def test_kernel_with_softcap_and_one_split_equals_reference():
     torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
 
 
+def _ragged_case(group: int, seed: int):
+    """Two KV heads: one with a sink and a ring that wraps, one without sinks whose windows are longer than the
+    context; rows of different, odd lengths, one of a single token."""
+    sinks = [3] * group + [0] * group
+    windows = [5 + 2 * i for i in range(group)] + [200] * group
+    return _case(3, 2, group, 16 if group % 2 else 32, [45, 1, 33], sinks, windows, 47, torch.float32, seed=seed)
+
+
+@needs_triton
+@pytest.mark.parametrize("group", range(1, 9))
+def test_kernel_equals_reference_for_every_gqa_group_size(group):
+    q, k, v, args, _, _ = _ragged_case(group, seed=group)
+    want = decode_attention_reference(q, k, v, **args)
+    got = decode_attention_triton(q, k, v, **args, num_splits=2)
+    torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
+
+
+@needs_triton
+@pytest.mark.parametrize("num_splits", [1, 2, 4])
+def test_heads_cut_into_one_or_several_chunks_merge_to_the_reference(num_splits):
+    # a dense head of 60 slots (4 tiles) next to a 2 + 20 ring (2 tiles): one chunk each (written directly), then
+    # the small head direct while the dense one is merged, then both merged
+    q, k, v, args, _, _ = _case(2, 2, 2, 32, [60, 17], [0, 0, 2, 2], [60, 60, 20, 9], 60, torch.float32)
+    chunks = decode_launch(2, (60, 22), q.device, block_n=16, num_splits=num_splits).chunks_per_head
+    assert chunks == {1: (1, 1), 2: (2, 1), 4: (4, 2)}[num_splits]
+    want = decode_attention_reference(q, k, v, **args)
+    got = decode_attention_triton(q, k, v, **args, block_n=16, num_splits=num_splits)
+    torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
+
+
+@needs_triton
+def test_more_chunks_than_the_merge_weighs_at_once():
+    # 263 chunks of one tile: the merge loops over them, each program on a slice of the head dim
+    q, k, v, args, _, _ = _case(1, 1, 2, 64, [4200], [1, 0], [4200, 700], 4200, torch.float32)
+    launch = decode_launch(1, (4200,), q.device, block_n=16, num_splits=263)
+    assert launch.chunks_per_head[0] > launch.merge_splits and launch.merge_block_d(64) < 64
+    want = decode_attention_reference(q, k, v, **args)
+    got = decode_attention_triton(q, k, v, **args, launch=launch)
+    torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
+
+
+@needs_triton
+def test_layout_as_device_tensors_with_max_tokens_equals_the_lists():
+    q, k, v, args, _, max_tokens = _ragged_case(4, seed=9)
+    as_tensors = {**args, **{n: torch.tensor(args[n], dtype=torch.int32, device=DEVICE) for n in ("region_start", "sink_cap", "ring_cap")}}
+    want = decode_attention_triton(q, k, v, **args)
+    got = decode_attention_triton(q, k, v, **as_tensors, max_tokens=max_tokens)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_launch_gives_each_head_programs_in_proportion_to_its_capacity():
+    # MoA-like Llama-3-8B layer at 64k, batch 8, 132 SMs: one dense head, two elastic, five local windows
+    capacity = (65600, 16960, 16960, 320, 576, 1088, 2112, 1088)
+    launch = decode_launch(8, capacity, torch.device("cpu"), block_n=64, programs=4 * 132)
+    assert launch.chunks_per_head[0] == max(launch.chunks_per_head) > 3 * launch.chunks_per_head[1] > 3 * launch.chunks_per_head[3]
+    assert 0.5 * 528 <= 8 * launch.programs <= 1.5 * 528
+    assert launch.chunk_tokens % 64 == 0 and launch.programs == sum(launch.chunks_per_head)
+    assert decode_launch(8, capacity, torch.device("cpu"), block_n=64, programs=4 * 132) is launch  # cached
+
+
+def test_a_large_batch_needs_no_merge():
+    launch = decode_launch(128, (2112,) * 8, torch.device("cpu"), block_n=64, programs=4 * 132)
+    assert launch.chunks_per_head == (1,) * 8 and not launch.needs_merge
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not ON_GPU, reason="Triton's CPU interpreter computes bf16 wrongly; bf16 is tested on the GPU")
 @pytest.mark.parametrize("dim", [64, 128])
@@ -115,6 +181,23 @@ def test_kernel_equals_reference_in_bf16_on_the_gpu(dim):
     want = decode_attention_reference(q, k, v, **args)
     got = decode_attention_triton(q, k, v, **args, max_tokens=max_tokens)
     torch.testing.assert_close(got, want, **TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_a_captured_call_replays_with_new_lengths_and_windows():
+    q, k, v, args, _, _ = _case(2, 8, 4, 128, [3000, 900], [64] * 16 + [0] * 16, [2048] * 24 + [4096] * 8, 4096,
+                                torch.bfloat16)  # fmt: skip
+    length, window = args["length"].clone().fill_(7), args["window"].clone().fill_(3)  # the values at capture
+    call = dict(args, length=length, window=window)
+    decode_attention_triton(q, k, v, **call)  # compiles and builds the launch plan: capture launches only
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention_triton(q, k, v, **call)
+    length.copy_(args["length"])
+    window.copy_(args["window"])
+    graph.replay()
+    torch.testing.assert_close(out, decode_attention_reference(q, k, v, **args), **TOLERANCE[torch.bfloat16])
 
 
 @pytest.mark.skipif(not TRITON_LOADED_EARLY, reason="the kernel tests above ran in this process")
