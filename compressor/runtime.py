@@ -86,9 +86,22 @@ def padding_mask(
         if mask.shape[-1] < total:  # static caches: slots not written yet are padding
             mask = F.pad(mask, (0, total - mask.shape[-1]), value=False)
         mask = mask[:, :total]
-    # Every layer of this forward gets this mask: measure its rows once here, not (with host syncs) in each layer.
-    mask.compressor_rows = mask_rows(mask)
+    # Every layer of this forward gets this mask: its rows are measured once (with host syncs), by the first layer
+    # that needs them (prefill paths); a decode step through the plan cache never does, so it stays sync-free.
+    mask.compressor_rows = RowsOnce()
     return mask
+
+
+class RowsOnce:
+    """The :class:`MaskRows` of one forward's mask, measured on first request and kept for the other layers."""
+
+    def __init__(self) -> None:
+        self.rows: MaskRows | None = None
+
+    def get(self, mask: torch.Tensor) -> MaskRows:
+        if self.rows is None:
+            self.rows = mask_rows(mask)
+        return self.rows
 
 
 @dataclass
@@ -132,7 +145,8 @@ def row_bounds(mask: torch.Tensor | None, kv_tokens: int, batch: int, device: to
     if mask is None:
         full = torch.full((batch,), kv_tokens, dtype=torch.int64, device=device)
         return RowBounds(torch.zeros_like(full), full, full, False)
-    rows = getattr(mask, "compressor_rows", None) or mask_rows(mask)
+    once = getattr(mask, "compressor_rows", None)
+    rows = once.get(mask) if once is not None else mask_rows(mask)
     offset = mask.shape[-1] - kv_tokens  # keys are the last kv_tokens of all tokens (sliding caches drop older ones)
     start = (rows.first - offset).clamp(min=0)
     end = (rows.last - offset).clamp(min=0)
@@ -171,7 +185,8 @@ def _sparse(
 ) -> torch.Tensor:
     """Per-head sink + window attention (and per-input block lists, ``blocks``): the Triton kernel where it runs, the
     reference elsewhere; ``quant`` (a layer's ``attention.quant``) routes it through the quantized kernels."""
-    kwargs = dict(sink=sink, alpha=alpha, beta=beta, kv_start=rows.start, kv_end=rows.end, causal=causal, scale=scaling)
+    start, end = (rows.start, rows.end) if rows.padded else (None, None)  # None: every key valid, no masked passes
+    kwargs = dict(sink=sink, alpha=alpha, beta=beta, kv_start=start, kv_end=end, causal=causal, scale=scaling)
     if blocks is not None:
         kwargs.update(blocks)
         if quant is None and not query.is_cuda:

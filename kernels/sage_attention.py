@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from compressor.kernels.triton_support import interpreting
+from compressor.kernels.triton_support import interpreting, require_launchable
 
 from . import sparse_attention as sa
 from .reference import block_list_allowed, dense_heads, visible_mask, window_sizes
@@ -45,7 +45,10 @@ VARIANTS = (
 )  # fmt: skip
 INT8_MAX = 127.0
 FP8_MAX = 448.0  # largest finite float8_e4m3fn; P in [0, 1] is scaled by it
-GPU_BLOCK_M, GPU_BLOCK_N = 128, 64  # SageAttention's quantization granularity, and the kernel's tiles
+GPU_BLOCK_M, GPU_BLOCK_N = 128, 64  # SageAttention's quantization granularity (the references' default)
+# The kernel's tiles on a GPU, which are also the quantization blocks: (block_m, block_n, num_warps) per P V precision,
+# the fastest of a sweep on an H200 at 16k, D=128 (`scripts/bench_sage_attention.py --sweep 16384`)
+GPU_TILES = {"fp8": (64, 64, 4), "fp16": (128, 64, 4)}
 
 tl = None  # triton.language, bound by _triton_kernels()
 
@@ -110,23 +113,32 @@ def _per_block(x: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor
     return x * scale.repeat_interleave(block, dim=2)[:, :, : x.shape[2], None]
 
 
-def _valid_keys(kv_start, kv_end, batch: int, kv_tokens: int, device) -> torch.Tensor:
-    """Bool [B, 1, Nk, 1]: key j of row b lies in [kv_start[b], kv_end[b])."""
+def _valid_keys(kv_start, kv_end, batch: int, kv_tokens: int, device) -> torch.Tensor | None:
+    """Bool [B, 1, Nk, 1]: key j of row b lies in [kv_start[b], kv_end[b]); None when no bounds are given."""
+    if kv_start is None and kv_end is None:
+        return None
     start, end = sa._check_rows(kv_start, kv_end, batch, kv_tokens, device)
     j = torch.arange(kv_tokens, device=device)
     return ((j[None] >= start[:, None].long()) & (j[None] < end[:, None].long()))[:, None, :, None]
 
 
-def key_stats(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, pv_fp8: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Pass one: K's channel mean over valid keys [B, Hkv, D] and (FP8 P V) V's per-channel scale [B, Hkv, D]."""
-    count = valid.sum(dim=2).clamp(min=1).float()  # [B, 1, 1]
-    if bool(valid.all()):
+def key_stats(
+    k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, pv_fp8: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pass one: K's channel mean over valid keys [B, Hkv, D] and (FP8 P V) V's per-channel scale [B, Hkv, D].
+
+    ``valid`` None means every key: then each statistic is one reduction kernel over K or V (no mask, no copy,
+    no host sync)."""
+    if valid is None:
         k_mean = k.mean(dim=2, dtype=torch.float32)
+        v_abs = v
     else:
+        count = valid.sum(dim=2).clamp(min=1).float()  # [B, 1, 1]
         k_mean = torch.where(valid, k.float(), 0.0).sum(dim=2) / count
+        v_abs = torch.where(valid, v, torch.zeros((), dtype=v.dtype, device=v.device))
     if not pv_fp8:
         return k_mean, None
-    amax = torch.where(valid, v, torch.zeros((), dtype=v.dtype, device=v.device)).abs().amax(dim=2).float()
+    amax = torch.linalg.vector_norm(v_abs, ord=math.inf, dim=2).float()  # max |v| without an |v| copy
     return k_mean, torch.where(amax > 0, amax / FP8_MAX, 1.0)
 
 
@@ -158,6 +170,8 @@ def quantize_qkv_reference(
     nk = k.shape[2]
     valid = _valid_keys(kv_start, kv_end, batch, nk, q.device)
     k_mean, v_scale = key_stats(k, v, valid, var.pv == "fp8")
+    if valid is None:
+        valid = torch.ones((), dtype=torch.bool, device=q.device)
     if not smooth_k:
         k_mean = torch.zeros_like(k_mean)
     qf = q.float()
@@ -282,6 +296,69 @@ def sage_attention_reference(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _quantize_q_block(
+    Q, Q8, QScale, QMean, stride_qb, stride_qh, stride_qm, pid, q_heads, q_tokens, n_q_blocks,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, QSMOOTH: tl.constexpr,
+):  # fmt: skip
+    """Quantize Q block ``pid`` (optionally smoothed by its mean) to INT8 with one scale for the block."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    blk = pid % n_q_blocks
+    bh = pid // n_q_blocks
+    b = bh // q_heads
+    h = bh % q_heads
+    offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m < q_tokens
+    base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    x = tl.load(base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
+    if QSMOOTH:
+        count = tl.minimum(q_tokens - blk * BLOCK_M, BLOCK_M).to(tl.float32)
+        mean = tl.sum(x, 0) / count
+        tl.store(QMean + pid.to(tl.int64) * HEAD_DIM + offs_d, mean)
+        x = tl.where(rows[:, None], x - mean[None, :], 0.0)
+    amax = tl.max(tl.max(tl.abs(x), 1), 0)
+    scale = tl.where(amax > 0.0, amax / 127.0, 1.0)
+    xq = tl.minimum(tl.maximum(tl.math.floor(x / scale + 0.5), -127.0), 127.0)
+    tl.store(QScale + pid, scale)
+    out = Q8 + bh.to(tl.int64) * q_tokens * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(out, xq.to(tl.int8), mask=rows[:, None])
+
+
+def _quantize_kv_block(
+    K, V, K8, KScale, KMean, V8, VScale, KvStart, KvEnd, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+    stride_vn, job, kv_heads, kv_tokens, n_k_blocks, v8_stride_d,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr,
+):  # fmt: skip
+    """Quantize K block ``job`` (smoothed by the per-head key mean) to INT8, and its V block to FP8 (transposed)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    blk = job % n_k_blocks
+    bh = job // n_k_blocks
+    b = bh // kv_heads
+    h = bh % kv_heads
+    start = tl.load(KvStart + b)
+    end = tl.load(KvEnd + b)
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid = (offs_n >= start) & (offs_n < end) & (offs_n < kv_tokens)
+    base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    x = tl.load(base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    mean = tl.load(KMean + bh.to(tl.int64) * HEAD_DIM + offs_d)
+    x = tl.where(valid[:, None], x - mean[None, :], 0.0)
+    amax = tl.max(tl.max(tl.abs(x), 1), 0)
+    scale = tl.where(amax > 0.0, amax / 127.0, 1.0)
+    xq = tl.minimum(tl.maximum(tl.math.floor(x / scale + 0.5), -127.0), 127.0)
+    tl.store(KScale + job, scale)
+    inside = offs_n < kv_tokens
+    out = K8 + bh.to(tl.int64) * kv_tokens * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(out, xq.to(tl.int8), mask=inside[:, None])
+    if PV_FP8:
+        vbase = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+        y = tl.load(vbase + offs_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        vs = tl.load(VScale + bh.to(tl.int64) * HEAD_DIM + offs_d)
+        y = tl.where(valid[:, None], y.to(tl.float32) / vs[None, :], 0.0)
+        # transposed [D, tokens_padded]; the padded tail of the last block is written as zeros
+        vout = V8 + bh.to(tl.int64) * HEAD_DIM * v8_stride_d + offs_d[None, :] * v8_stride_d + offs_n[:, None]
+        tl.store(vout, y.to(V8.dtype.element_ty))
+
+
 def _quantize_qkv_kernel(
     Q, K, V, Q8, QScale, QMean, K8, KScale, KMean, V8, VScale, KvStart, KvEnd,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -289,58 +366,17 @@ def _quantize_qkv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QSMOOTH: tl.constexpr,
     PV_FP8: tl.constexpr,
 ):  # fmt: skip
-    """One program quantizes one Q block (pid < n_q_jobs) or one K block with its V block. Outputs contiguous."""
+    """One program quantizes one Q block (pid < n_q_jobs) or one K block with its V block. Outputs contiguous.
+    The two jobs live in functions of their own: their tiles differ in shape, which Triton refuses for a variable
+    assigned in both arms of a runtime ``if``."""
     pid = tl.program_id(0)
-    offs_d = tl.arange(0, HEAD_DIM)
     if pid < n_q_jobs:
-        blk = pid % n_q_blocks
-        bh = pid // n_q_blocks
-        b = bh // q_heads
-        h = bh % q_heads
-        offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = offs_m < q_tokens
-        base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        x = tl.load(base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
-        if QSMOOTH:
-            count = tl.minimum(q_tokens - blk * BLOCK_M, BLOCK_M).to(tl.float32)
-            mean = tl.sum(x, 0) / count
-            tl.store(QMean + pid.to(tl.int64) * HEAD_DIM + offs_d, mean)
-            x = tl.where(rows[:, None], x - mean[None, :], 0.0)
-        amax = tl.max(tl.max(tl.abs(x), 1), 0)
-        scale = tl.where(amax > 0.0, amax / 127.0, 1.0)
-        xq = tl.minimum(tl.maximum(tl.math.floor(x / scale + 0.5), -127.0), 127.0)
-        tl.store(QScale + pid, scale)
-        out = Q8 + bh.to(tl.int64) * q_tokens * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(out, xq.to(tl.int8), mask=rows[:, None])
+        _quantize_q_block(Q, Q8, QScale, QMean, stride_qb, stride_qh, stride_qm, pid, q_heads, q_tokens, n_q_blocks,
+                          HEAD_DIM, BLOCK_M, QSMOOTH)
     else:
-        job = pid - n_q_jobs
-        blk = job % n_k_blocks
-        bh = job // n_k_blocks
-        b = bh // kv_heads
-        h = bh % kv_heads
-        start = tl.load(KvStart + b)
-        end = tl.load(KvEnd + b)
-        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        valid = (offs_n >= start) & (offs_n < end) & (offs_n < kv_tokens)
-        base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-        x = tl.load(base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        mean = tl.load(KMean + bh.to(tl.int64) * HEAD_DIM + offs_d)
-        x = tl.where(valid[:, None], x - mean[None, :], 0.0)
-        amax = tl.max(tl.max(tl.abs(x), 1), 0)
-        scale = tl.where(amax > 0.0, amax / 127.0, 1.0)
-        xq = tl.minimum(tl.maximum(tl.math.floor(x / scale + 0.5), -127.0), 127.0)
-        tl.store(KScale + job, scale)
-        inside = offs_n < kv_tokens
-        out = K8 + bh.to(tl.int64) * kv_tokens * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(out, xq.to(tl.int8), mask=inside[:, None])
-        if PV_FP8:
-            vbase = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-            y = tl.load(vbase + offs_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
-            vs = tl.load(VScale + bh.to(tl.int64) * HEAD_DIM + offs_d)
-            y = tl.where(valid[:, None], y.to(tl.float32) / vs[None, :], 0.0)
-            # transposed [D, tokens_padded]; the padded tail of the last block is written as zeros
-            vout = V8 + bh.to(tl.int64) * HEAD_DIM * v8_stride_d + offs_d[None, :] * v8_stride_d + offs_n[:, None]
-            tl.store(vout, y.to(V8.dtype.element_ty))
+        _quantize_kv_block(K, V, K8, KScale, KMean, V8, VScale, KvStart, KvEnd, stride_kb, stride_kh, stride_kn,
+                           stride_vb, stride_vh, stride_vn, pid - n_q_jobs, kv_heads, kv_tokens, n_k_blocks,
+                           v8_stride_d, HEAD_DIM, BLOCK_N, PV_FP8)
 
 
 def _attend_blocks_sage(
@@ -361,9 +397,12 @@ def _attend_blocks_sage(
             k = tl.load(k_ptrs, mask=in_row[:, None], other=0)
         else:
             k = tl.load(k_ptrs)
-        qk = tl.dot(q, tl.trans(k)).to(tl.float32) * (q_row_scale * k_scale)
+        qk = tl.dot(q, tl.trans(k)).to(tl.float32)
         if QSMOOTH:
-            qk += (tl.sum(k.to(tl.float32) * q_mean[None, :], 1) * k_scale)[None, :]
+            qk = qk * (q_row_scale * k_scale) + (tl.sum(k.to(tl.float32) * q_mean[None, :], 1) * k_scale)[None, :]
+            sc = 1.0
+        else:
+            sc = q_row_scale * k_scale  # applied inside the exponent's FMA below, not as a pass of its own
         if MASKED:
             dist = q_pos[:, None] - offs_n[None, :]
             if IS_CAUSAL:
@@ -373,20 +412,23 @@ def _attend_blocks_sage(
                 near = (dist < window) & (dist > -window)
                 in_sink = offs_n[None, :] < sink_end
             qk = tl.where((near | in_sink) & in_row[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * sc)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             v = tl.load(v_ptrs, mask=in_row[:, None], other=0.0)
         else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * sc)
             m_use = m_new
             v = tl.load(v_ptrs)
-        p = tl.math.exp2(qk - m_use[:, None])
+        # FP8 P V: probabilities scaled by 448 (e4m3's largest value) to use its range; the shift enters the exponent,
+        # so l_i carries the same factor and it cancels in acc / l_i
+        if PV_FP8:
+            m_exp = m_use - 8.807354922057604  # log2(448)
+        else:
+            m_exp = m_use
+        p = tl.math.exp2(qk * sc - m_exp[:, None])
         correction = tl.math.exp2(m_i - m_use)
         l_i = l_i * correction + tl.sum(p, 1)
-        if PV_FP8:
-            pv = tl.dot((p * 448.0).to(v.dtype), v)  # this block's products alone, then into the fp32 accumulator
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
+        pv = tl.dot(p.to(v.dtype), v)  # this block's products alone, then into the fp32 accumulator
         acc = acc * correction[:, None] + pv
         m_i = m_new
     return acc, l_i, m_i
@@ -470,7 +512,7 @@ def _sage_attention_fwd(
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     if PV_FP8:
-        out = out * (tl.load(VScale + kv_bh * HEAD_DIM + offs_d) / 448.0)[None, :]
+        out = out * tl.load(VScale + kv_bh * HEAD_DIM + offs_d)[None, :]
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=offs_m[:, None] < q_tokens)
@@ -485,6 +527,8 @@ def _triton_kernels() -> SimpleNamespace:
     module = globals()
     module["tl"] = triton.language
     module["_attend_blocks_sage"] = triton.jit(_attend_blocks_sage)
+    module["_quantize_q_block"] = triton.jit(_quantize_q_block)
+    module["_quantize_kv_block"] = triton.jit(_quantize_kv_block)
     sa._triton_kernels()  # jits the helpers the two kernels share
     module["_key_block_ranges"] = sa._key_block_ranges
     module["_row_window"] = sa._row_window
@@ -501,18 +545,21 @@ def _triton_kernels() -> SimpleNamespace:
 
 def quantize_qkv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, variant: str, kv_start=None, kv_end=None,
-    block_m: int = GPU_BLOCK_M, block_n: int = GPU_BLOCK_N,
+    block_m: int | None = None, block_n: int | None = None,
 ) -> QuantizedQKV:  # fmt: skip
-    """The fused Triton quantization (after the PyTorch stats pass); same result as :func:`quantize_qkv_reference`."""
+    """The fused Triton quantization (after the PyTorch stats pass); same result as :func:`quantize_qkv_reference`.
+    Blocks default to the attention kernel's GPU tiles for the variant."""
     var = parse_variant(variant)
     if not var.quantized:
         raise ValueError("variant bf16 is not quantized")
+    if block_m is None:
+        block_m, block_n = GPU_TILES[var.pv][:2]
     kernels = _triton_kernels()
     batch, q_heads, nq, d = q.shape
     _, kv_heads, nk, _ = k.shape
     device = q.device
+    valid = _valid_keys(kv_start, kv_end, batch, nk, device)
     start, end = sa._check_rows(kv_start, kv_end, batch, nk, device)
-    valid = _valid_keys(start, end, batch, nk, device)
     fp8 = var.pv == "fp8"
     k_mean, v_scale = key_stats(k, v, valid, fp8)
     k_mean = k_mean.contiguous()
@@ -574,14 +621,14 @@ def sage_attention(
         raise ValueError(f"queries are the last q_tokens keys, so q_tokens ({nq}) <= kv_tokens ({nk})")
     kernels = _triton_kernels()
     device = q.device
-    if device.type != "cuda" and not kernels.interpret:
-        raise ValueError(f"the Triton kernel needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 for the CPU interpreter")
+    require_launchable(device, kernels.interpret)
     scale = d**-0.5 if scale is None else float(scale)
     sink, alpha, beta = sa._check_pattern(sink, alpha, beta, q_heads, device)
     start, end = sa._check_rows(kv_start, kv_end, batch, nk, device)
     lists = sa._check_block_lists(block_index, block_count, block_size, batch, q_heads, nq, device)
     if block_m is None:
-        block_m, block_n = (16, 16) if kernels.interpret else (GPU_BLOCK_M, GPU_BLOCK_N)
+        block_m, block_n, tuned_warps = (16, 16, 4) if kernels.interpret else GPU_TILES[var.pv]
+        num_warps = num_warps or tuned_warps
         if lists is not None:
             block_m, block_n = min(block_m, block_size), min(block_n, block_size)
     block_n = block_m if block_n is None else block_n
@@ -594,7 +641,7 @@ def sage_attention(
         if list_block % block_m or list_block % block_n:
             raise ValueError(f"block_m ({block_m}) and block_n ({block_n}) must divide block_size ({list_block})")
     if quantized is None:
-        quantized = quantize_qkv(q, k, v, variant=variant, kv_start=start, kv_end=end, block_m=block_m, block_n=block_n)
+        quantized = quantize_qkv(q, k, v, variant=variant, kv_start=kv_start, kv_end=kv_end, block_m=block_m, block_n=block_n)
     if out is None:
         out = torch.empty(batch, q_heads, nq, d, dtype=q.dtype, device=device)
     if nq == 0 or batch * q_heads == 0:

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from compressor.kernels.triton_support import interpreting, triton_available
+from compressor.kernels.triton_support import interpreting, require_launchable, triton_available
 
 from .reference import block_sparse_attention_reference, sparse_attention_reference
 
@@ -353,8 +353,7 @@ def sparse_attention(
         raise ValueError(f"queries are the last q_tokens keys, so q_tokens ({q_tokens}) <= kv_tokens ({kv_tokens})")
     device = q.device
     kernels = _triton_kernels()
-    if device.type != "cuda" and not kernels.interpret:
-        raise ValueError(f"the Triton kernel needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 for the CPU interpreter")
+    require_launchable(device, kernels.interpret)
     scale = head_dim**-0.5 if scale is None else float(scale)
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")

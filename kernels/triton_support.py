@@ -19,3 +19,10 @@ def triton_available() -> bool:
 def interpreting() -> bool:
     """True when TRITON_INTERPRET asks for Triton's CPU interpreter (read when kernels are first jitted)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def require_launchable(device, interpret: bool) -> None:
+    """Raise unless kernels can launch on ``device``: CUDA, or any device under the interpreter. The compile check
+    (scripts/check_gpu_compile.py, which intercepts launches and only compiles them) sets COMPRESSOR_COMPILE_ONLY=1."""
+    if device.type != "cuda" and not interpret and os.environ.get("COMPRESSOR_COMPILE_ONLY") != "1":
+        raise ValueError(f"the Triton kernel needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 for the CPU interpreter")

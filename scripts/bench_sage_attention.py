@@ -40,7 +40,11 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--accuracy-lengths", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--sweep", type=int, default=0, metavar="N",
+                        help="only time the attention kernel (quantization excluded) over tile configs at length N")
     args = parser.parse_args()
+    if args.sweep:
+        return sweep(args.sweep, args.heads)
 
     import triton
 
@@ -120,6 +124,30 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
+
+
+def sweep(n: int, heads: int) -> None:
+    """Attention-kernel time (inputs quantized once per tile shape) for each tile config, D=128, causal."""
+    from compressor.kernels import sage_attention as sg
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        t_cudnn = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    print(f"N={n} H={heads} D=128 causal; cuDNN {t_cudnn:.3f} ms")
+    print("| variant | block_m | block_n | warps | stages | kernel ms | vs cuDNN |")
+    for var in ("int8-qk/fp8-pv", "int8-qk/fp16-pv"):
+        for bm, bn, warps, stages in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 128, 8, 2),
+                                      (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
+                                      (128, 32, 8, 4), (128, 128, 16, 2)]:
+            try:
+                qq = sg.quantize_qkv(q, k, v, variant=var, block_m=bm, block_n=bn)
+                t = bench(lambda: sg.sage_attention(q, k, v, variant=var, block_m=bm, block_n=bn, num_warps=warps,
+                                                    num_stages=stages, quantized=qq))
+                print(f"| {var} | {bm} | {bn} | {warps} | {stages} | {t:.3f} | {t_cudnn / t:.2f}x |", flush=True)
+            except Exception as err:  # a config that does not compile (shared memory) is reported, not fatal
+                print(f"| {var} | {bm} | {bn} | {warps} | {stages} | failed: {type(err).__name__} | |", flush=True)
 
 
 if __name__ == "__main__":

@@ -181,7 +181,9 @@ def test_gpu_tiles_bf16_accuracy(variant, dim):
 
     got = sg.attention(q, k, v, variant=variant, kv_start=start, kv_end=end)
 
-    want = sg.sage_attention_reference(q, k, v, variant=variant, kv_start=start, kv_end=end)
+    block_m, block_n, _ = sg.GPU_TILES[sg.parse_variant(variant).pv]  # the kernel's quantization blocks
+    want = sg.sage_attention_reference(q, k, v, variant=variant, kv_start=start, kv_end=end, block_m=block_m,
+                                       block_n=block_n)
     exact = sparse_attention_reference(q.float(), k.float(), v.float(), kv_start=start, kv_end=end)
     assert attention_errors(got, want, False)["cos"] > 0.9999
     assert attention_errors(got, exact, False)["cos"] > 0.999
