@@ -43,7 +43,8 @@ def main() -> None:
     from compressor.plan import Plan
     from compressor.recipe import parse_recipe
 
-    model, tokenizer, _ = load_model("smollm2-135m", args.device, "float32")
+    # float32 on the CPU; bf16 on a GPU (the dtype the Triton kernels run)
+    model, tokenizer, _ = load_model("smollm2-135m", args.device, "float32" if args.device == "cpu" else "bfloat16")
     lengths = [int(x) for x in args.lengths.split(",")]
     n_ppl, n_ret, n_cal = (1, 2, 1) if args.quick else (args.ppl_samples, args.samples, args.cal_samples)
     attention = {"method": "xattention", "coverage": args.coverage, "stride": 8, "block_size": 64}
@@ -80,7 +81,7 @@ def main() -> None:
 
     search = result.search
     lines = [
-        "# XAttention on SmolLM2-135M-Instruct (CPU)",
+        f"# XAttention on SmolLM2-135M-Instruct ({torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'})",
         "",
         f"- command: `python {' '.join(sys.argv)}`",
         f"- date: {datetime.date.today()}; torch {torch.__version__}, transformers {transformers.__version__}, "
