@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--cal-samples", type=int, default=2)
     parser.add_argument("--out", default="scripts/results/xattention_smollm2_cpu.md")
     parser.add_argument("--coverage", type=float, default=0.95)
+    parser.add_argument("--density", type=float, default=None,
+                        help="average block-density budget for the global threshold search (default: coverage only)")
     parser.add_argument("--cal-lengths", default="1024", help="comma-separated calibration lengths")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -49,7 +51,7 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     cal_lengths = [int(x) for x in args.cal_lengths.split(",")]
     n_ppl, n_ret, n_cal = (1, 2, 1) if args.quick else (args.ppl_samples, args.samples, args.cal_samples)
-    attention = {"method": "xattention", "coverage": args.coverage, "stride": 8, "block_size": 64}
+    attention = {"method": "xattention", "coverage": args.coverage, "stride": 8, "block_size": 64, "density": args.density}
     recipe = parse_recipe({"name": "xattention-eval", "attention": attention,
                            "calibration": {"source": "corpus,passkey", "samples": n_cal, "lengths": cal_lengths}})
     config: XAttentionConfig = recipe.attention
@@ -89,7 +91,8 @@ def main() -> None:
         f"- date: {datetime.date.today()}; torch {torch.__version__}, transformers {transformers.__version__}, "
         f"python {platform.python_version()}, {platform.machine()}",
         f"- calibration: {n_cal} samples (corpus + passkey) at {cal_lengths} tokens, coverage target {config.coverage}, stride "
-        f"{config.stride}, blocks of {config.block_size}; {calibrated - started:.0f} s including model load",
+        f"{config.stride}, blocks of {config.block_size}, density budget {config.density}; {calibrated - started:.0f} s "
+        "including model load",
         f"- thresholds: mean tau {float(tau.mean()):.3f} (min {float(tau.min()):.3f}, max {float(tau.max()):.3f}); "
         f"calibration coverage {search['measured']['coverage']:.3f}, block density {search['measured']['density']:.3f}",
         f"- evaluation: perplexity on {n_ppl} held-out corpus windows, retrieval on {n_ret} held-out samples per task "
