@@ -38,6 +38,17 @@ def _codes(x, scale, IS_FP8: tl.constexpr, QMAX: tl.constexpr):
 
 
 @triton.jit
+def _normed_chunk(x_rows, w_ptr, rstd, row_ok, k0, offs, K, HAS_NORM: tl.constexpr):
+    """Columns ``[k0, k0 + BLOCK_K)`` of the program's rows in float32, RMS-normalised when HAS_NORM; and their mask."""
+    mask = row_ok[:, None] & (k0 + offs[None, :] < K)
+    x = tl.load(x_rows + k0 + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        w = tl.load(w_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        x = x * rstd[:, None] * w[None, :]
+    return x, mask
+
+
+@triton.jit
 def quantize_rows_kernel(
     x_ptr, w_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, eps,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, HAS_NORM: tl.constexpr,
@@ -70,19 +81,11 @@ def quantize_rows_kernel(
             rstd = 1.0 / tl.sqrt_rn(ss / K + eps)
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            mask = row_ok[:, None] & (k0 + offs[None, :] < K)
-            x = tl.load(x_rows + k0 + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_NORM:
-                w = tl.load(w_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-                x = x * rstd[:, None] * w[None, :]
+            x, mask = _normed_chunk(x_rows, w_ptr, rstd, row_ok, k0, offs, K, HAS_NORM)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
         scale = _row_scale(amax, QMAX)
         for k0 in range(0, K, BLOCK_K):
-            mask = row_ok[:, None] & (k0 + offs[None, :] < K)
-            x = tl.load(x_rows + k0 + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_NORM:
-                w = tl.load(w_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-                x = x * rstd[:, None] * w[None, :]
+            x, mask = _normed_chunk(x_rows, w_ptr, rstd, row_ok, k0, offs, K, HAS_NORM)
             tl.store(q_rows + k0 + offs[None, :], _codes(x, scale[:, None], IS_FP8, QMAX), mask=mask)
     tl.store(s_ptr + rows, scale, mask=row_ok)
 
