@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from compressor.calibration import probe as probes
-from compressor.kernels.xattention_score import block_scores, kept_counts, rank_blocks, visible_blocks
+from compressor.kernels.xattention_score import block_scores
+from compressor.kernels.xattention_select import kept_counts, rank_blocks, visible_blocks
 
 Probe = Callable[[int, torch.Tensor, torch.Tensor, float], None]  # (layer_idx, q, k, scale)
 

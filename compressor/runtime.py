@@ -255,7 +255,8 @@ def compressor_attention(
 def xattention_blocks(query, key, rows: RowBounds, layer: LayerRuntime, scaling, causal) -> dict[str, Any]:
     """Per-input block lists of an XAttention layer: antidiagonal block scores, then per query-block row the best
     blocks until each head's tau (on the device, no host round trip)."""
-    from compressor.kernels.xattention_score import block_scores, select_blocks
+    from compressor.kernels.xattention_score import block_scores
+    from compressor.kernels.xattention_select import select_blocks
 
     tau, stride, block_size = layer.xattention
     bounds = dict(kv_start=rows.start, kv_end=rows.end, causal=causal)

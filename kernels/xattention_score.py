@@ -5,7 +5,7 @@ score is the antidiagonal sum ``sum_t q[r*S + S-1-t] . k[c*S + t]``: one product
 (reversed) with K taken at offsets 0..S-1. Scores are scaled by ``scale / S`` (scale = 1/sqrt(d) by default),
 softmaxed over the visible key tiles of each query tile (causal at tile granularity: key tile c is visible from
 query tile r when it starts at or before r's last query), and summed per (query block, key block) of
-``block_size`` tokens. :func:`select_blocks` turns the scores into the block lists of the sparse kernel.
+``block_size`` tokens. ``xattention_select.select_blocks`` turns the scores into the block lists of the sparse kernel.
 
 Layout conventions are those of ``reference.py``: q: [batch, q_heads, q_tokens, dim], k: [batch, kv_heads,
 kv_tokens, dim] (GQA by grouping, K never repeated), queries are the last q_tokens keys, valid keys per row are
@@ -48,13 +48,13 @@ def _check(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int) -> No
         raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
 
 
-def _bounds(batch: int, kv_tokens: int, kv_start, kv_end, device) -> tuple[torch.Tensor, torch.Tensor]:
+def key_bounds(batch: int, kv_tokens: int, kv_start, kv_end, device) -> tuple[torch.Tensor, torch.Tensor]:
     start = torch.zeros(batch, dtype=torch.int64, device=device) if kv_start is None else kv_start.to(device, torch.int64)
     end = torch.full((batch,), kv_tokens, dtype=torch.int64, device=device) if kv_end is None else kv_end.to(device, torch.int64)
     return start, end
 
 
-def _bounds_int32(batch: int, kv_tokens: int, kv_start, kv_end, device) -> tuple[torch.Tensor, torch.Tensor]:
+def key_bounds_int32(batch: int, kv_tokens: int, kv_start, kv_end, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(start, end) as contiguous int32 [batch] for the kernels, in as few launches as possible."""
     def as_int32(x, fill):
         if x is None:
@@ -101,7 +101,7 @@ def xattention_scores_reference(
     group = q_heads // kv_heads
     device = q.device
     scale = (dim**-0.5 if scale is None else float(scale)) / stride
-    start, end = _bounds(batch, kv_tokens, kv_start, kv_end, device)
+    start, end = key_bounds(batch, kv_tokens, kv_start, kv_end, device)
     q_offset = kv_tokens - q_tokens
     qt = _tiles(q, q_offset, stride, start, end, reverse=True).view(batch, kv_heads, group, -1, stride * dim)
     kt = _tiles(k, 0, stride, start, end, reverse=False)[:, :, None]  # [batch, kv_heads, 1, kv_tiles, S*d]
@@ -129,90 +129,6 @@ def xattention_scores_reference(
         p = p.view(batch, q_heads, -1, tpb, n_kb, tpb).sum(dim=(3, 5))
         out[:, :, r0 // tpb : r0 // tpb + p.shape[2]] += p
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Block selection: per query block, blocks in descending score until the cumulative share reaches tau.
-
-
-def visible_blocks(
-    batch: int, q_tokens: int, kv_tokens: int, block_size: int, kv_start: torch.Tensor | None,
-    kv_end: torch.Tensor | None, causal: bool, device: torch.device | str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(visible, forced), bool [batch, n_q_blocks, n_kv_blocks]: blocks holding a valid key that a query of the block
-    may see, and the blocks always kept (the first valid block: sinks; the blocks holding the block's own queries)."""
-    start, end = _bounds(batch, kv_tokens, kv_start, kv_end, device)
-    n_qb, n_kb = -(-q_tokens // block_size), -(-kv_tokens // block_size)
-    q_offset = kv_tokens - q_tokens
-    first_q = torch.arange(n_qb, device=device) * block_size + q_offset
-    last_q = torch.clamp(torch.arange(1, n_qb + 1, device=device) * block_size, max=q_tokens) - 1 + q_offset
-    kb_first = torch.arange(n_kb, device=device) * block_size
-    kb_last = kb_first + block_size - 1
-    valid = (kb_first[None] < end[:, None]) & (kb_last[None] >= start[:, None])  # [batch, n_kb]
-    visible = valid[:, None, :].expand(batch, n_qb, n_kb)
-    if causal:
-        visible = visible & (kb_first[None, :] <= last_q[:, None])[None]
-    own = (kb_last[None, :] >= first_q[:, None]) & (kb_first[None, :] <= last_q[:, None])  # [n_qb, n_kb]
-    sink = kb_first[None, :] == (start // block_size * block_size)[:, None]  # [batch, n_kb]
-    forced = visible & (own[None] | sink[:, None, :])
-    return visible, forced
-
-
-def rank_blocks(
-    scores: torch.Tensor, visible: torch.Tensor, forced: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sort each row's blocks: forced first, then by descending score, ties by ascending index (stable sort).
-
-    scores: [batch, heads, n_qb, n_kb]; visible/forced: [batch, n_qb, n_kb]. Returns (order int64, exclusive
-    cumulative share of the sorted blocks, forced count, visible count), the last two [batch, heads, n_qb].
-    """
-    vis, frc = visible[:, None].expand_as(scores), forced[:, None].expand_as(scores)
-    s = torch.where(vis, scores.float().clamp_min(0.0), torch.zeros_like(scores, dtype=torch.float32))
-    key = torch.where(frc, torch.full_like(s, math.inf), torch.where(vis, s, torch.full_like(s, -1.0)))
-    key, order = torch.sort(key, dim=-1, descending=True, stable=True)
-    total = s.sum(dim=-1, keepdim=True)
-    share = torch.gather(s, -1, order) / torch.where(total > 0, total, torch.ones_like(total))
-    exclusive = torch.cumsum(share, dim=-1) - share
-    return order, exclusive, frc.sum(-1), vis.sum(-1)
-
-
-def _tau_rows(tau: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """tau as float32 with three dims: [heads] -> [1, heads, 1]; broadcastable to [batch, heads, n_qb]."""
-    tau = tau.to(device, torch.float32)
-    while tau.dim() < 3:
-        tau = tau[None] if tau.dim() < 2 else tau[..., None]
-    return tau
-
-
-def kept_counts(exclusive: torch.Tensor, n_forced: torch.Tensor, n_visible: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """How many leading sorted blocks each row keeps: those whose preceding share is < tau (all visible ones at
-    tau >= 1), at least the forced ones. tau: [heads] (or broadcastable to [batch, heads, n_qb])."""
-    tau = _tau_rows(tau, exclusive.device)
-    need = (exclusive < tau[..., None]).sum(-1)
-    need = torch.where(tau >= 1.0, n_visible, need)
-    return torch.minimum(torch.maximum(need, n_forced), n_visible)
-
-
-def select_blocks_reference(
-    scores: torch.Tensor,
-    tau: torch.Tensor,
-    *,
-    q_tokens: int,
-    kv_tokens: int,
-    block_size: int,
-    kv_start: torch.Tensor | None = None,
-    kv_end: torch.Tensor | None = None,
-    causal: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`select_blocks` in PyTorch ops (the spec of the Triton selection kernel; used off the GPU)."""
-    batch, heads, n_qb, n_kb = scores.shape
-    visible, forced = visible_blocks(batch, q_tokens, kv_tokens, block_size, kv_start, kv_end, causal, scores.device)
-    order, exclusive, n_forced, n_visible = rank_blocks(scores, visible, forced)
-    count = kept_counts(exclusive, n_forced, n_visible, tau)
-    kept = torch.arange(n_kb, device=scores.device) < count[..., None]
-    index = torch.where(kept, order, torch.full_like(order, n_kb)).sort(dim=-1).values
-    index = torch.where(index < n_kb, index, torch.zeros_like(index))
-    return index.to(torch.int32), count.to(torch.int32)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -375,61 +291,6 @@ def _scores_fwd(q_ptr, k_ptr, out_ptr, part_ptr, start_ptr, end_ptr,
         tl.store(out_row[:, None] + kb[None, :], p, mask=qb_live[:, None] & (kb < kb_hi)[None, :])
 
 
-def _select_fwd(scores_ptr, tau_ptr, start_ptr, end_ptr, index_ptr, count_ptr,
-                stride_sb, stride_sh, stride_sq, stride_tb, stride_th, stride_tq,
-                stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,
-                q_tokens, kv_tokens, n_kb,
-                BLOCK_SIZE: tl.constexpr, N_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """One (batch, head, query block) row of :func:`select_blocks_reference`: visibility, ranking by one sort of
-    (rank code, block index) keys, cumulative share, count, kept indices in ascending order."""
-    qb = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    start = tl.load(start_ptr + b)
-    end = tl.load(end_ptr + b)
-    q_offset = kv_tokens - q_tokens
-    kb = tl.arange(0, N_PAD)  # block index, and also the position in the sorted row
-    real = kb < n_kb
-    first = kb * BLOCK_SIZE
-    last = first + BLOCK_SIZE - 1
-    first_q = qb * BLOCK_SIZE + q_offset
-    last_q = tl.minimum((qb + 1) * BLOCK_SIZE, q_tokens) - 1 + q_offset
-    visible = real & (first < end) & (last >= start)
-    if IS_CAUSAL:
-        visible = visible & (first <= last_q)
-    forced = visible & (((last >= first_q) & (first <= last_q)) | (first == (start // BLOCK_SIZE) * BLOCK_SIZE))
-    row = scores_ptr + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh + qb.to(tl.int64) * stride_sq
-    s = tl.load(row + kb, mask=real, other=0.0)
-    s = tl.where(visible & (s > 0.0), s, 0.0)
-    total = tl.sum(s, 0)
-    # rank code, ascending = the reference's order: forced (0), visible by descending score (the bits of s >= 0
-    # grow with s), invisible, padding; the block index in the low half breaks ties by ascending index
-    code = tl.where(forced, 0, tl.where(visible, 0x7F800000 - s.to(tl.int32, bitcast=True),
-                                        tl.where(real, 0x7F800001, 0x7F800002)))
-    key = (code.to(tl.int64) << 32) + kb.to(tl.int64)
-    ranked = tl.sort(key, dim=0)
-    ranked_code = ranked >> 32
-    order = (ranked - (ranked_code << 32)).to(tl.int32)
-    s_ranked = tl.load(row + order, mask=ranked_code <= 0x7F800000, other=0.0)
-    s_ranked = tl.where(s_ranked > 0.0, s_ranked, 0.0)
-    share = tl.math.div_rn(s_ranked, tl.where(total > 0, total, 1.0))
-    exclusive = tl.cumsum(share, axis=0) - share
-    tau = tl.load(tau_ptr + b.to(tl.int64) * stride_tb + h * stride_th + qb.to(tl.int64) * stride_tq)
-    n_visible = tl.sum(visible.to(tl.int32), 0)
-    n_forced = tl.sum(forced.to(tl.int32), 0)
-    need = tl.sum(((exclusive < tau) & real).to(tl.int32), 0)
-    need = tl.where(tau >= 1.0, n_visible, need)
-    count = tl.minimum(tl.maximum(need, n_forced), n_visible)
-    # the kept blocks are the `count` smallest keys: keys up to the count-th, in block order via a running count
-    threshold = tl.max(tl.where(kb < count, ranked, -1), 0)
-    kept = key <= threshold
-    slot = tl.cumsum(kept.to(tl.int32), axis=0) - 1
-    out = index_ptr + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + qb.to(tl.int64) * stride_iq
-    tl.store(out + slot, kb, mask=kept)
-    tl.store(out + kb, tl.zeros_like(kb), mask=real & (kb >= count))
-    tl.store(count_ptr + b.to(tl.int64) * stride_cb + h * stride_ch + qb, count)
-
-
 # Scoring tiles tried by the autotuner on the GPU (16-bit inputs): BLOCK_M query-tile rows (all stacked heads),
 # BLOCK_C key tiles, BLOCK_K contraction step, warps, pipeline stages, register cap. Shared memory is the pipeline's
 # stages x (BLOCK_M + BLOCK_C) x BLOCK_K x 2 B (the epilogue reuses it); registers as ptxas reports them for sm_90
@@ -462,7 +323,7 @@ def _kernels() -> SimpleNamespace:
         for bm, bc, bk, w, s, r in _GPU_SCORE_CONFIGS
     ]
     tuned = triton.autotune(configs=configs, key=["STRIDE", "HEAD_DIM", "HEADS", "TPB", "IS_CAUSAL", "size_class"])(scores)
-    return SimpleNamespace(scores=scores, scores_tuned=tuned, select=triton.jit(_select_fwd))
+    return SimpleNamespace(scores=scores, scores_tuned=tuned)
 
 
 def xattention_scores(
@@ -490,7 +351,7 @@ def xattention_scores(
     batch, q_heads, q_tokens, dim = q.shape
     kv_heads, kv_tokens = k.shape[1], k.shape[2]
     device = q.device
-    start, end = _bounds_int32(batch, kv_tokens, kv_start, kv_end, device)
+    start, end = key_bounds_int32(batch, kv_tokens, kv_start, kv_end, device)
     tpb = block_size // stride
     n_qb, n_kb = -(-q_tokens // block_size), -(-kv_tokens // block_size)
     out = torch.zeros(batch, q_heads, n_qb, n_kb, dtype=torch.float32, device=device)
@@ -543,48 +404,6 @@ def xattention_scores(
                 IS_CAUSAL=bool(causal), DOT_IEEE=small, BLOCK_O=block_o, **fixed,
             )  # fmt: skip
     return out
-
-
-def select_blocks(
-    scores: torch.Tensor,
-    tau: torch.Tensor,
-    *,
-    q_tokens: int,
-    kv_tokens: int,
-    block_size: int,
-    kv_start: torch.Tensor | None = None,
-    kv_end: torch.Tensor | None = None,
-    causal: bool = True,
-    use_triton: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block lists from block scores, on the scores' device (no host round trip): one Triton launch (default on
-    CUDA when Triton is importable; CPU tensors need TRITON_INTERPRET=1), else :func:`select_blocks_reference`.
-
-    scores: [batch, heads, n_qb, n_kb]; tau: [heads]. Returns (block_index int32 [batch, heads, n_qb, n_kb], kept
-    indices first in ascending order, then padding; block_count int32 [batch, heads, n_qb]).
-    """
-    if use_triton is None:
-        use_triton = scores.is_cuda and triton_available()
-    if not use_triton:
-        return select_blocks_reference(scores, tau, q_tokens=q_tokens, kv_tokens=kv_tokens, block_size=block_size,
-                                       kv_start=kv_start, kv_end=kv_end, causal=causal)
-    batch, heads, n_qb, n_kb = scores.shape
-    device = scores.device
-    index = torch.empty(batch, heads, n_qb, n_kb, dtype=torch.int32, device=device)
-    count = torch.empty(batch, heads, n_qb, dtype=torch.int32, device=device)
-    if index.numel() == 0:
-        return index, count.zero_()
-    scores = scores if scores.dtype == torch.float32 and scores.stride(-1) == 1 else scores.float().contiguous()
-    start, end = _bounds_int32(batch, kv_tokens, kv_start, kv_end, device)
-    tau = torch.broadcast_to(_tau_rows(tau, device), (batch, heads, n_qb))  # stride 0 where broadcast: no copy
-    _kernels().select[(n_qb, heads, batch)](
-        scores, tau, start, end, index, count,
-        scores.stride(0), scores.stride(1), scores.stride(2), tau.stride(0), tau.stride(1), tau.stride(2),
-        index.stride(0), index.stride(1), index.stride(2), count.stride(0), count.stride(1),
-        q_tokens, kv_tokens, n_kb,
-        BLOCK_SIZE=block_size, N_PAD=max(16, 1 << (n_kb - 1).bit_length()), IS_CAUSAL=bool(causal), num_warps=4,
-    )  # fmt: skip
-    return index, count
 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, **kwargs) -> torch.Tensor:

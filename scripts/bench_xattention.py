@@ -23,14 +23,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from compressor.kernels import xattention_score
 from compressor.kernels.sparse_attention import sparse_attention
-from compressor.kernels.xattention_score import (
-    rank_blocks,
-    select_blocks,
-    select_blocks_reference,
-    visible_blocks,
-    xattention_scores,
-    xattention_scores_reference,
-)
+from compressor.kernels.xattention_score import xattention_scores, xattention_scores_reference
+from compressor.kernels.xattention_select import rank_blocks, select_blocks, select_blocks_reference, visible_blocks
 
 Q_HEADS, KV_HEADS, DIM, STRIDE, BLOCK = 32, 8, 128, 8, 128
 

@@ -160,13 +160,14 @@ def check_sage():
 
 def check_xattention():
     from compressor.kernels import xattention_score as xs
+    from compressor.kernels import xattention_select as sel
 
     for stride in (8, 16) if QUICK else (4, 8, 16):
         for bs in (128,) if QUICK else (64, 128):
             q, k, _ = _qkv(2, 8, 2, 1000, 1000, 128, torch.bfloat16)
             scores = xs.xattention_scores(q, k, stride=stride, block_size=bs)
             if stride == 8:
-                xs.select_blocks(scores, torch.full((8,), 0.9), q_tokens=1000, kv_tokens=1000, block_size=bs,
+                sel.select_blocks(scores, torch.full((8,), 0.9), q_tokens=1000, kv_tokens=1000, block_size=bs,
                                  use_triton=True)
 
 

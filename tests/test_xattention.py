@@ -14,13 +14,8 @@ if not ON_GPU:
 from compressor import runtime  # noqa: E402
 from compressor.calibration.block_mass import layer_ranking, true_block_mass  # noqa: E402
 from compressor.kernels.reference import naive_attention  # noqa: E402
-from compressor.kernels.xattention_score import (  # noqa: E402
-    select_blocks,
-    select_blocks_reference,
-    visible_blocks,
-    xattention_scores,
-    xattention_scores_reference,
-)
+from compressor.kernels.xattention_score import xattention_scores, xattention_scores_reference  # noqa: E402
+from compressor.kernels.xattention_select import select_blocks, select_blocks_reference, visible_blocks  # noqa: E402
 from compressor.methods.xattention import XAttentionConfig, XAttentionPattern, budget_thresholds, calibrate  # noqa: E402
 from compressor.plan import Plan, WindowPattern  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
