@@ -4,8 +4,8 @@ Pattern: ``XAttentionPattern(tau, stride, block_size)`` per query head. At prefi
 holding xattention heads scores its blocks (``compressor.kernels.xattention_score``), keeps per query block the
 highest-scoring key blocks (``xattention_select``) until their share of the row's estimated mass reaches the
 head's ``tau`` (sink block and diagonal block always), and runs block-sparse attention on those lists. Dense heads
-of such a layer get tau = 1 (every causal block); window heads get full lists intersected with their own sink + window rule. Decode
-(one query) stays dense.
+of such a layer get tau = 1 (every causal block); window heads get full lists intersected with their own sink +
+window rule. Decode (one query) stays dense.
 
 Threshold search (recorded in the plan's ``search``):
 
