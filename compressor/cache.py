@@ -253,7 +253,6 @@ class PlanCacheLayer(CacheLayerMixin):
                 query[:, :, 0], self.keys[: self.batch], self.values[: self.batch],
                 region_start=self.layout.region_start, sink_cap=self.layout.sink_cap, ring_cap=self.layout.ring_cap,
                 length=self.lengths, sink=sink, window=window, scale=scaling, softcap=softcap,
-                device_meta=self._device_meta,
             )  # fmt: skip
             return out[:, None]
         if seen_before == 0:

@@ -421,12 +421,11 @@ def decode_attention(
     window: torch.Tensor,
     scale: float | None = None,
     softcap: float | None = None,
-    device_meta: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Decode attention for the cache: the Triton kernel on CUDA, the reference elsewhere.
 
-    Shapes as :func:`decode_attention_reference`. ``device_meta`` is accepted for compatibility and not needed: the
-    layout's device copy and the launch plan are built once per shape and cached, so a step makes no copies.
+    Shapes as :func:`decode_attention_reference`. The layout's device copy and the launch plan are built once per
+    shape and cached, so a step makes no copies.
     """
     if unsupported_reason(q, k_buf) is not None:
         return decode_attention_reference(
