@@ -404,14 +404,7 @@ def _attend_blocks_sage(
         else:
             sc = q_row_scale * k_scale  # applied inside the exponent's FMA below, not as a pass of its own
         if MASKED:
-            dist = q_pos[:, None] - offs_n[None, :]
-            if IS_CAUSAL:
-                near = (dist >= 0) & (dist < window)
-                in_sink = (offs_n[None, :] < sink_end) & (dist >= 0)
-            else:
-                near = (dist < window) & (dist > -window)
-                in_sink = offs_n[None, :] < sink_end
-            qk = tl.where((near | in_sink) & in_row[None, :], qk, float("-inf"))
+            qk = _masked_scores(qk, q_pos, offs_n, in_row, window, sink_end, IS_CAUSAL)
             m_new = tl.maximum(m_i, tl.max(qk, 1) * sc)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             v = tl.load(v_ptrs, mask=in_row[:, None], other=0.0)
@@ -533,6 +526,7 @@ def _triton_kernels() -> SimpleNamespace:
     module["_key_block_ranges"] = sa._key_block_ranges
     module["_row_window"] = sa._row_window
     module["_listed_block_range"] = sa._listed_block_range
+    module["_masked_scores"] = sa._masked_scores
     quant = triton.jit(_quantize_qkv_kernel)
     plain = triton.jit(_sage_attention_fwd)
     return SimpleNamespace(triton=triton, quant=quant, plain=plain, interpret=interpreting())

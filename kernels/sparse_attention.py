@@ -35,6 +35,19 @@ tl = None  # triton.language, bound by _triton_kernels() on first use so that th
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _masked_scores(qk, q_pos, offs_n, in_row, window, sink_end, IS_CAUSAL: tl.constexpr):
+    """``qk`` [BLOCK_M, BLOCK_N] with -inf where a key is neither in the row's window nor in its sink, or lies outside
+    the row's valid range ``in_row`` (token-level rule of the boundary blocks; shared with the Sage kernel)."""
+    dist = q_pos[:, None] - offs_n[None, :]
+    if IS_CAUSAL:
+        near = (dist >= 0) & (dist < window)
+        in_sink = (offs_n[None, :] < sink_end) & (dist >= 0)
+    else:
+        near = (dist < window) & (dist > -window)
+        in_sink = offs_n[None, :] < sink_end
+    return tl.where((near | in_sink) & in_row[None, :], qk, float("-inf"))
+
+
 def _attend_blocks(
     acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
     q_pos, lo, hi, kv_lo, kv_hi, sink_end, window, qk_scale,
@@ -54,14 +67,7 @@ def _attend_blocks(
             k = tl.load(k_ptrs)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASKED:
-            dist = q_pos[:, None] - offs_n[None, :]
-            if IS_CAUSAL:
-                near = (dist >= 0) & (dist < window)
-                in_sink = (offs_n[None, :] < sink_end) & (dist >= 0)
-            else:
-                near = (dist < window) & (dist > -window)
-                in_sink = offs_n[None, :] < sink_end
-            qk = tl.where((near | in_sink) & in_row[None, :], qk, float("-inf"))
+            qk = _masked_scores(qk, q_pos, offs_n, in_row, window, sink_end, IS_CAUSAL)
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             # A row that has seen no visible key yet keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN.
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -245,6 +251,7 @@ def _triton_kernels() -> SimpleNamespace:
 
     module = globals()
     module["tl"] = triton.language
+    module["_masked_scores"] = triton.jit(_masked_scores)
     module["_attend_blocks"] = triton.jit(_attend_blocks)
     module["_key_block_ranges"] = triton.jit(_key_block_ranges)
     module["_row_window"] = triton.jit(_row_window)
