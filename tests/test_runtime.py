@@ -197,3 +197,17 @@ def test_padding_rows_are_measured_once_per_forward_not_per_layer(monkeypatch):
     with torch.no_grad():
         model(_ids(2, 20), attention_mask=mask)
     assert len(calls) == 1
+
+
+def test_mask_rows_are_measured_once_and_only_on_request():
+    """The mask function leaves the rows unmeasured (their measure syncs with the host, which a decode step through
+    the plan cache must not do); the first layer that needs them measures them, the others reuse that."""
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    mask = runtime.padding_mask(2, 1, 4, kv_offset=1, attention_mask=attention_mask)
+    assert mask.compressor_rows.rows is None
+    bounds = runtime.row_bounds(mask, kv_tokens=5, batch=2, device=torch.device("cpu"))
+    assert bounds.start.tolist() == [2, 0] and bounds.end.tolist() == [5, 5] and bounds.padded
+    measured = mask.compressor_rows.rows
+    assert measured is not None
+    runtime.row_bounds(mask, kv_tokens=5, batch=2, device=torch.device("cpu"))
+    assert mask.compressor_rows.rows is measured
