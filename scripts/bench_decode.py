@@ -21,7 +21,6 @@ context length (decode speed does not depend on the values), so no prefill is ti
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import inspect
 import subprocess
@@ -371,26 +370,6 @@ def eager_step_ms(model, cache, batch: int, n: int, steps: int) -> float:
     return sum(times[2:]) / steps * 1e3
 
 
-@contextlib.contextmanager
-def sync_free_padding_mask():
-    """runtime.padding_mask measures every row of the mask (``mask_rows``: two ``bool(...)`` host syncs per forward)
-    for the prefill paths; a decode step through the PlanCache never reads those measures. For capture, the same 2D
-    mask is built without them; the runtime's function is registered again afterwards."""
-    from transformers.masking_utils import AttentionMaskInterface
-
-    def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, device="cpu", **kwargs):
-        total = int(kv_offset) + int(kv_length)
-        if attention_mask is None:
-            return torch.ones(batch_size, total, dtype=torch.bool, device=device)
-        return attention_mask.to(dtype=torch.bool)[:, :total]
-
-    AttentionMaskInterface.register(runtime.ATTENTION_NAME, padding_mask)
-    try:
-        yield
-    finally:
-        AttentionMaskInterface.register(runtime.ATTENTION_NAME, runtime.padding_mask)
-
-
 def static_step_inputs(model, cache, batch: int, n: int, mask_len: int | None) -> dict:
     """Inputs of one decode step that stay valid for every replay (a mask at least as long as any step needs)."""
     mask = None if mask_len is None else torch.ones(batch, mask_len, dtype=torch.long, device=DEVICE)
@@ -418,10 +397,10 @@ def first_host_sync(model, inputs: dict) -> str | None:
     return None
 
 
-def graph_step_ms(model, inputs: dict, steps: int, mask_shim: bool) -> float:
+def graph_step_ms(model, inputs: dict, steps: int) -> float:
     """Mean ms per decode step replayed from a CUDA graph of one whole-model forward (captured after two warm-up
     steps on a side stream). Replays advance the caches on the device; Python-side counters stay put."""
-    with torch.no_grad(), sync_free_padding_mask() if mask_shim else contextlib.nullcontext():
+    with torch.no_grad():
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -452,7 +431,6 @@ class GraphReadiness:
 
     def __init__(self):
         self.notes: dict[str, str] = {}
-        self.mask_shim: dict[str, bool] = {}
         self.capturable: dict[str, bool] = {}
 
     def check(self, model, kind: str) -> None:
@@ -460,19 +438,9 @@ class GraphReadiness:
             return
         cache, inputs = graph_cache_and_inputs(model, kind, 1, 256, 8)
         where = first_host_sync(model, inputs)
-        self.mask_shim[kind] = where is not None and ("mask_rows" in where or "padding_mask" in where)
-        later = None
-        if self.mask_shim[kind]:  # any sync past the mask function?
-            with sync_free_padding_mask():
-                later = first_host_sync(model, inputs)
-        self.capturable[kind] = later is None and (where is None or self.mask_shim[kind])
+        self.capturable[kind] = where is None
         if where is None:
             self.notes[kind] = "no host sync in a decode step: the whole model forward is captured as is"
-        elif self.mask_shim[kind]:
-            self.notes[kind] = (f"host sync at {where}: the runtime's mask function measures the mask's rows; the step "
-                                "is captured with the same 2D mask built without those measures (sync_free_padding_mask)")  # fmt: skip
-            if later is not None:
-                self.notes[kind] += f"; with it, the next host sync is at {later}: not captured"
         else:
             self.notes[kind] = f"host sync at {where}: not captured"
         del cache
@@ -519,7 +487,7 @@ def run_e2e(model, kind: str, batch: int, n: int, steps: int, readiness: GraphRe
         return row
     cache, inputs = graph_cache_and_inputs(model, kind, batch, n, steps)
     try:
-        row["graph_ms"] = graph_step_ms(model, inputs, steps, readiness.mask_shim[kind])
+        row["graph_ms"] = graph_step_ms(model, inputs, steps)
     except torch.OutOfMemoryError:
         raise
     except Exception as err:  # capture refused: say why in the table
