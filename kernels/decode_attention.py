@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import torch
 
-from compressor.kernels.triton_support import interpreting, triton_available
+from compressor.kernels.triton_support import interpreting, next_pow2, triton_available
 
 tl = None  # triton.language, bound by _triton_kernels() on first use
 
@@ -258,7 +258,7 @@ class DecodeLaunch:
     @property
     def merge_splits(self) -> int:
         """Chunks the merge kernel weighs per step (a power of two; more chunks loop)."""
-        return min(256, max(2, triton_next_pow2(max(self.chunks_per_head))))
+        return min(256, max(2, next_pow2(max(self.chunks_per_head))))
 
     def merge_block_d(self, head_dim: int) -> int:
         """Head-dim slice per merge program: the [splits, slice] tile stays at 8192 values (64 per thread)."""
@@ -376,7 +376,7 @@ def decode_attention_triton(
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         window.stride(0), window.stride(1), out.stride(0), out.stride(1),
         kv_heads, programs, launch.chunk_tokens, float(head_dim**-0.5 if scale is None else scale), float(softcap or 1.0),
-        GROUP=group, BLOCK_H=max(16, triton_next_pow2(group)), HEAD_DIM=head_dim, BLOCK_N=launch.block_n,
+        GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=head_dim, BLOCK_N=launch.block_n,
         HAS_SOFTCAP=softcap is not None, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
@@ -387,11 +387,6 @@ def decode_attention_triton(
             GROUP=group, HEAD_DIM=head_dim, SPLITS=launch.merge_splits, BLOCK_D=block_d, num_warps=4,
         )  # fmt: skip
     return out
-
-
-def triton_next_pow2(x: int) -> int:
-    """Smallest power of two >= x."""
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def unsupported_reason(q: torch.Tensor, k_buf: torch.Tensor) -> str | None:

@@ -16,7 +16,7 @@ import torch
 from compressor.kernels.quant_reference import (
     FP8_MAX, INT8_MAX, fp8_dtype, quantize_activation_reference, rms_norm_reference,
 )
-from compressor.kernels.triton_support import interpreting
+from compressor.kernels.triton_support import interpreting, next_pow2
 
 MAX_HADAMARD_BLOCK = 128
 ONE_PASS_MAX_K = 16384  # longest row a program keeps in registers (16 warps x 32 fp32 each)
@@ -26,10 +26,6 @@ def _triton_kernels():
     from compressor.kernels import quant_triton  # triton is imported here, on first use
 
     return quant_triton
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def check_hadamard_block(block: int, features: int) -> None:
@@ -82,8 +78,8 @@ def quantize_activation(
     if x.stride(1) != 1:
         x = x.contiguous()
     m, k = x.shape
-    one_pass = block_k is None and _next_pow2(k) <= ONE_PASS_MAX_K
-    block_k = _next_pow2(k) if one_pass else (block_k or 2048)
+    one_pass = block_k is None and next_pow2(k) <= ONE_PASS_MAX_K
+    block_k = next_pow2(k) if one_pass else (block_k or 2048)
     if block_m is None:  # decode: a row per program; prefill: about 8K elements per program
         block_m = 1 if m <= 64 else max(1, min(16, 8192 // block_k))
     q = torch.empty(m, k, dtype=torch.int8 if dtype == "int8" else fp8_dtype(), device=x.device)

@@ -21,7 +21,7 @@ import torch
 
 from compressor.kernels.quant_activation import MAX_HADAMARD_BLOCK, hadamard_rotate, quantize_activation
 from compressor.kernels.quant_reference import FP8_MAX, INT8_MAX, fp8_dtype, quant_linear_reference
-from compressor.kernels.triton_support import interpreting, triton_available
+from compressor.kernels.triton_support import interpreting, next_pow2, triton_available
 
 SMALL_M = 16  # at most this many tokens: narrow-N decode tiles (M padded to the MMA's 16 rows)
 FUSED_MAX_M = 4  # at most this many: the activation is quantized inside the GEMM (one launch)
@@ -37,10 +37,6 @@ def _fallback(reason: str) -> None:
     if reason not in _warned:  # once per reason: the per-process record of what was said
         _warned.add(reason)
         warnings.warn(f"quantized linear: {reason}; running the PyTorch reference instead", stacklevel=3)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -92,13 +88,13 @@ def _launch_gemm(
     meta = dict(A_FUSED=fused, W_INT4=int4, IS_FP8=act_dtype == "fp8", HAS_BIAS=bias is not None,
                 QMAX=FP8_MAX if act_dtype == "fp8" else INT8_MAX)
     if small:
-        meta["BLOCK_M"] = _next_pow2(m)
+        meta["BLOCK_M"] = next_pow2(m)
     rows = meta.get("BLOCK_M", 16)  # the fused absmax pass: one long chunk for a token or few (registers allow)
-    meta["AMAX_CHUNK"] = min(_next_pow2(k), 16384 // rows if rows <= 4 else 4096 // rows)
+    meta["AMAX_CHUNK"] = min(next_pow2(k), 16384 // rows if rows <= 4 else 4096 // rows)
     if int4:
         meta["BLOCK_K"] = group_size
     args = (a, ws if fused else a_scale, b, ws, bias if bias is not None else ws, c, m, n, k,
-            a.stride(0), b.stride(0), ws.stride(0), c.stride(0), _next_pow2(m))
+            a.stride(0), b.stride(0), ws.stride(0), c.stride(0), next_pow2(m))
     if config is None and not interpreting():
         tuned = quant_triton.GEMM_TUNED[("small" if small else "large", "w4" if int4 else "w8")]
         # K tails are masked only when some candidate's BLOCK_K does not divide K (never for Llama's 4096 / 14336)

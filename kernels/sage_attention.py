@@ -37,8 +37,10 @@ from compressor.kernels.triton_support import interpreting, require_launchable
 from . import sparse_attention as sa
 from .reference import block_list_allowed, dense_heads, visible_mask, window_sizes
 
-# helpers both kernels share (jitted in _triton_kernels()): row bounds + window, and the key-block ranges visited
+# helpers both kernels share (jitted in _triton_kernels()): row bounds + window, the key-block ranges visited, and
+# the token-level mask of boundary blocks
 _row_window, _key_block_ranges, _listed_block_range = sa._row_window, sa._key_block_ranges, sa._listed_block_range
+_masked_scores = sa._masked_scores
 
 VARIANTS = (
     "int8-qk/fp8-pv", "int8-qk/fp8-pv+qsmooth", "int8-qk/fp16-pv", "int8-qk/fp16-pv+qsmooth", "bf16",

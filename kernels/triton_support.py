@@ -16,6 +16,11 @@ def triton_available() -> bool:
     return True
 
 
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1): Triton block shapes are powers of two."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 def interpreting() -> bool:
     """True when TRITON_INTERPRET asks for Triton's CPU interpreter (read when kernels are first jitted)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import torch
 
-from compressor.kernels.triton_support import interpreting, triton_available
+from compressor.kernels.triton_support import interpreting, next_pow2, triton_available
 
 STRIDES = (4, 8, 16)
 BLOCK_SIZES = (64, 128)
@@ -365,7 +365,7 @@ def xattention_scores(
     rows_pad = -(-n_rows // 256) * 256  # whole row tiles for every config (ROWS = BLOCK_M / heads <= 256)
     cols_pad = -(-n_kb // 64) * 64  # whole chunks of blocks for every config (BLOCK_C / tpb <= 64)
     small = interpreting() or q.dtype == torch.float32
-    block_d = max(16 if small else 64, 1 << (dim - 1).bit_length())  # a multiple of BLOCK_K
+    block_d = max(16 if small else 64, next_pow2(dim))  # a multiple of BLOCK_K
     kernels = _kernels()
     if small or block_r:
         block_m = block_r or (heads * max(tpb, 16 // heads) if interpreting() else 64)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
-from compressor.kernels.triton_support import triton_available
+from compressor.kernels.triton_support import next_pow2, triton_available
 from compressor.kernels.xattention_score import key_bounds, key_bounds_int32
 
 
@@ -211,6 +211,6 @@ def select_blocks(
         scores.stride(0), scores.stride(1), scores.stride(2), tau.stride(0), tau.stride(1), tau.stride(2),
         index.stride(0), index.stride(1), index.stride(2), count.stride(0), count.stride(1),
         q_tokens, kv_tokens, n_kb,
-        BLOCK_SIZE=block_size, N_PAD=max(16, 1 << (n_kb - 1).bit_length()), IS_CAUSAL=bool(causal), num_warps=4,
+        BLOCK_SIZE=block_size, N_PAD=max(16, next_pow2(n_kb)), IS_CAUSAL=bool(causal), num_warps=4,
     )  # fmt: skip
     return index, count
