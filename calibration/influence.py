@@ -10,6 +10,13 @@ query-key distance (plus one bucket for sink keys). Nothing of size N x N is eve
 
 A sink + window head at length N drops exactly the non-sink entries at distance >= window(N), so the estimated
 loss increase of a rule is a suffix sum of the histogram (:func:`loss_outside_window`).
+
+Summing |influence| entry by entry (MoA's choice) counts every small, mutually cancelling contribution of a diffuse
+head as loss. The ``row`` kind estimates each query row's change as a whole instead: dropping the set S of a row
+(renormalising what is left) changes the output by (m O - sum_S A_j V_j) / (1 - m), m = sum_S A_j, so to first order
+the loss changes by  -sum_S A_j (G_j - E) / (1 - m),  E = sum_k A_k G_k.  For every cut-off distance w the pass sums
+|that| over rows, S being the row's non-sink keys at distance >= w: a [layers, q_heads, tokens + 1] table indexed by
+the window itself, not a histogram to sum.
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ class InfluenceProfile:
     ``length`` is the samples' nominal length (a model-aligned answer may add or drop a few tokens: the histograms
     span the longest sample). by_distance: [layers, q_heads, tokens] float64, summed over (query, key) entries with key >= sink, indexed by
     distance ``query - key``; sink: [layers, q_heads], entries with key < sink. ``absolute`` sums |influence|
-    (MoA's choice), ``signed`` keeps the sign (kept side by side, one pass gives both).
+    (MoA's choice), ``signed`` keeps the sign (kept side by side, one pass gives both). row_cut: [layers, q_heads,
+    tokens + 1], the row-wise estimate of dropping every non-sink key at distance >= w, indexed by w (the
+    ``row`` kind; see the module docstring).
     """
 
     length: int
@@ -47,12 +56,13 @@ class InfluenceProfile:
     sink_absolute: torch.Tensor
     sink_signed: torch.Tensor
     loss: float  # mean dense loss of the profiled samples
+    row_cut: torch.Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
 
     def by_distance(self, kind: str = "absolute") -> torch.Tensor:
         """[layers, q_heads, length] histogram of the chosen kind ("absolute" or "signed")."""
         if kind not in ("absolute", "signed"):
-            raise ValueError(f"influence kind must be 'absolute' or 'signed', got {kind!r}")
+            raise ValueError(f"influence histogram kind must be 'absolute' or 'signed', got {kind!r}")
         return self.absolute if kind == "absolute" else self.signed
 
     def __repr__(self) -> str:
@@ -63,11 +73,18 @@ class InfluenceProfile:
         )
 
 
+INFLUENCE_KINDS = ("absolute", "signed", "row")
+
+
 def loss_outside_window(profile: InfluenceProfile, windows: torch.Tensor, kind: str = "absolute") -> torch.Tensor:
     """Estimated loss increase per (layer, head) and rule: influence at distances >= window (sink keys are kept).
 
     windows: [rules] int tokens (1..length) -> [layers, q_heads, rules] float64.
     """
+    if kind == "row":
+        if profile.row_cut is None:
+            raise CompressorError("this influence profile has no row-wise table; profile again to use influence: row")
+        return profile.row_cut[..., windows.to(torch.int64).clamp(1, profile.row_cut.shape[-1] - 1)]
     hist = profile.by_distance(kind)
     # suffix[d] = sum of hist[d:], with suffix[length] = 0
     suffix = torch.flip(torch.cumsum(torch.flip(hist, dims=[-1]), dim=-1), dims=[-1])
@@ -188,11 +205,13 @@ def accumulate_layer_influence(
     sink_absolute: torch.Tensor,
     sink_signed: torch.Tensor,
     chunk: int = 128,
+    row_cut: torch.Tensor | None = None,
 ) -> None:
     """Add one sequence's causal influence for one layer into the histograms, in place.
 
     q, d_out: [q_heads, tokens, dim]; k, v: [kv_heads, tokens, dim]; absolute/signed: [q_heads, tokens] float64
-    (by distance, keys >= sink); sink_absolute/sink_signed: [q_heads]. Work memory: q_heads x chunk x tokens.
+    (by distance, keys >= sink); sink_absolute/sink_signed: [q_heads]; row_cut: [q_heads, tokens + 1] float64 (by
+    cut-off distance) or None. Work memory: a few q_heads x chunk x tokens tensors.
     """
     q_heads, tokens, dim = q.shape
     kv_heads = k.shape[0]
@@ -223,6 +242,14 @@ def accumulate_layer_influence(
         flat = body.reshape(q_heads, -1)
         signed.scatter_add_(1, index, flat.double())
         absolute.scatter_add_(1, index, flat.abs().double())
+        if row_cut is not None:
+            # Row-wise: key j at distance w = i - j >= 1 is the last dropped key of the cut "distance >= w", so
+            # prefix sums over keys (from the first non-sink key) give each cut's change and dropped mass.
+            dropped = (in_sink | (distance < 1))[None]
+            change = torch.cumsum((-probs * (grads - expected)).reshape(q_heads, c1 - c0, c1).masked_fill(dropped, 0.0), -1)
+            mass = torch.cumsum(probs.reshape(q_heads, c1 - c0, c1).masked_fill(dropped, 0.0), -1)
+            cut = (change.abs() / (1.0 - mass).clamp_min(1e-3)).masked_fill(dropped, 0.0)
+            row_cut.scatter_add_(1, index, cut.reshape(q_heads, -1).double())
 
 
 def profile_sample(
@@ -268,6 +295,7 @@ def profile_sample(
     signed = torch.zeros(shape, dtype=torch.float64, device=device)
     sink_abs = torch.zeros(layers, q_heads, dtype=torch.float64, device=device)
     sink_sig = torch.zeros(layers, q_heads, dtype=torch.float64, device=device)
+    row_cut = torch.zeros(layers, q_heads, tokens + 1, dtype=torch.float64, device=device)
     with torch.no_grad():
         for idx in sorted(stores):
             store = stores[idx]
@@ -276,10 +304,13 @@ def profile_sample(
                 raise CompressorError(f"layer {idx}: no gradient reached the attention output; cannot profile")
             accumulate_layer_influence(
                 store["q"][0], store["k"][0], store["v"][0], out.grad[0], store["scale"], sink,
-                absolute[idx], signed[idx], sink_abs[idx], sink_sig[idx], chunk=chunk,
+                absolute[idx], signed[idx], sink_abs[idx], sink_sig[idx], chunk=chunk, row_cut=row_cut[idx],
             )
             stores[idx] = {}  # free this layer's tensors as we go
-    profile = InfluenceProfile(sample.length, sink, 1, absolute.cpu(), signed.cpu(), sink_abs.cpu(), sink_sig.cpu(), float(loss.detach()))
+    profile = InfluenceProfile(
+        sample.length, sink, 1, absolute.cpu(), signed.cpu(), sink_abs.cpu(), sink_sig.cpu(), float(loss.detach()),
+        row_cut=row_cut.cpu(),
+    )
     return profile, float(loss.detach())
 
 
@@ -314,8 +345,10 @@ def profile_influence(
             continue
         have.absolute, one.absolute = _same_span(have.absolute, one.absolute)
         have.signed, one.signed = _same_span(have.signed, one.signed)
+        have.row_cut, one.row_cut = _same_span(have.row_cut, one.row_cut)  # beyond a span nothing is dropped: 0
         have.absolute += one.absolute
         have.signed += one.signed
+        have.row_cut += one.row_cut
         have.sink_absolute += one.sink_absolute
         have.sink_signed += one.sink_signed
         have.loss += one.loss
@@ -324,6 +357,7 @@ def profile_influence(
         n = profile.samples
         profile.absolute /= n
         profile.signed /= n
+        profile.row_cut /= n
         profile.sink_absolute /= n
         profile.sink_signed /= n
         profile.loss /= n

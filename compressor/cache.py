@@ -11,7 +11,8 @@ region of ``sink_cap + ring_cap`` slots (see ``kernels/decode_attention.py``): d
 
 Each layer's ``update`` only records the new K/V; the attention function (which has the padding mask) calls back
 ``compressor_attend`` to write them per row and then either decodes with the split-K kernel over the buffers (one
-query token) or, for a prefill chunk, hands back keys at their true positions for the runtime's prefill path.
+query token: the store, the lengths and the windows are one kernel launch, ``kernels/cache_store.py``) or, for a
+prefill chunk, hands back keys at their true positions for the runtime's prefill path.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from compressor.errors import CompressorError
+from compressor.kernels.cache_store import store_decode_token
 from compressor.kernels.decode_attention import decode_attention, slot_tokens
 from compressor.kernels.reference import window_sizes
 from compressor.attention_layers import LayerRuntime, attention_modules, warn_once
@@ -134,6 +136,8 @@ class PlanCacheLayer(CacheLayerMixin):
         }
         sink, alpha, beta = query_head_params(self.runtime, self.layout.sliding)
         self._heads = (sink.to(self.device), alpha.to(self.device), beta.to(self.device))
+        # windows per (row, query head) at the rows' lengths, rewritten in place by each decode step
+        self._window = torch.zeros(self.max_batch, len(sink), dtype=torch.int32, device=self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -176,15 +180,19 @@ class PlanCacheLayer(CacheLayerMixin):
         ring = torch.where(ring_cap > 0, ring_cap, torch.ones_like(ring_cap))
         return start + torch.where(token < sink_cap, token, sink_cap + (token - sink_cap) % ring)
 
-    def _store_one(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
-        """Decode step, free of host syncs: rows whose new token is padding keep their slot's old content."""
-        kv_heads = keys.shape[1]
-        slot = self._slots(self.lengths[:, None].expand(-1, kv_heads))  # [batch, kv_heads]
-        rows = torch.arange(self.batch, device=self.device)[:, None]
-        keep = valid[:, None, None]
-        self.keys[rows, slot] = torch.where(keep, keys[:, :, 0], self.keys[rows, slot])
-        self.values[rows, slot] = torch.where(keep, values[:, :, 0], self.values[rows, slot])
-        self.lengths.add_(valid.to(torch.int64))  # in place: a CUDA graph of this step advances the same tensor
+    def _store_one(self, keys: torch.Tensor, values: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Decode step, free of host syncs and in one launch on CUDA (kernels/cache_store.py): each row's new K/V
+        in its slots (rows whose new token is padding keep theirs), lengths advanced, windows at the new lengths."""
+        valid = None
+        if attention_mask is not None:  # the mask's last column: a view, read by the kernel as it is
+            valid = attention_mask[:, -1] if attention_mask.device == self.device else attention_mask[:, -1].to(self.device)
+        _, alpha, beta = self._heads
+        meta = self._device_meta
+        store_decode_token(
+            self.keys, self.values, keys, values, region_start=meta["region_start"], sink_cap=meta["sink_cap"],
+            ring_cap=meta["ring_cap"], length=self.lengths, valid=valid, alpha=alpha, beta=beta,
+            sliding=self.layout.sliding, window_out=self._window,
+        )  # fmt: skip
 
     def _store_chunk(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
         """Prefill chunk: each row's valid tokens, the ones its regions keep (no two tokens share a slot)."""
@@ -244,17 +252,15 @@ class PlanCacheLayer(CacheLayerMixin):
             )
         keys, values, seen_before = pending.keys, pending.values, pending.seen_before
         tokens = keys.shape[2]
-        valid = self._chunk_valid(attention_mask, tokens)
         if tokens == 1 and query.shape[2] == 1:
-            self._store_one(keys, values, valid[:, 0])
-            sink, alpha, beta = self._heads
-            window = head_windows(alpha, beta, self.lengths, self.layout.sliding)
+            self._store_one(keys, values, attention_mask)
             out = decode_attention(
                 query[:, :, 0], self.keys[: self.batch], self.values[: self.batch],
                 region_start=self.layout.region_start, sink_cap=self.layout.sink_cap, ring_cap=self.layout.ring_cap,
-                length=self.lengths, sink=sink, window=window, scale=scaling, softcap=softcap,
+                length=self.lengths, sink=self._heads[0], window=self._window[: self.batch], scale=scaling, softcap=softcap,
             )  # fmt: skip
             return out[:, None]
+        valid = self._chunk_valid(attention_mask, tokens)
         if seen_before == 0:
             self._store_chunk(keys, values, valid)
             return keys, values, attention_mask

@@ -13,21 +13,23 @@ Semantics (the reference below is the spec): one query per row, the row's newest
 The kernel: one program per (chunk of one KV head's stored tokens, row) loads each K/V tile once for all query heads
 of its GQA group (``tl.dot`` of a ``[BLOCK_H, D]`` query tile) and runs an online softmax over its chunk, reading
 only the tokens the group can see (the sink part, then the ring from the widest window on). Chunks are sized once per
-shape (:func:`decode_launch`, cached) so that the batch makes a few programs per SM, each KV head cut in proportion to
-its capacity; a head cut into one chunk writes its output directly, others write partials with their log-sum-exp and
-a second kernel merges them. A call does no host synchronisation and allocates only by shape (CUDA-graph capturable).
-Triton is imported on first use; this module imports nothing else of compressor.
+shape (``kernels/decode_launch.py``, cached) so that the batch makes one wave of programs where it can, each KV head
+cut in proportion to its capacity; a head cut into one chunk writes its output directly, others write partials with
+their log-sum-exp, and the last of the head's programs to finish merges them (an arrival counter per row and KV head,
+reset by that program: no second launch, nothing to clear between calls; heads cut into very many chunks are merged
+by a second launch instead). A call does no host synchronisation and allocates only by shape (CUDA-graph capturable).
+Triton is imported on first use; this module imports nothing of compressor outside kernels/.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
 
+from compressor.kernels.decode_launch import DecodeLaunch, decode_launch
 from compressor.kernels.triton_support import interpreting, next_pow2, triton_available
 
 tl = None  # triton.language, bound by _triton_kernels() on first use
@@ -103,15 +105,50 @@ def decode_attention_reference(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _merge_partials(
+    OPart, LsePart, Out, b, g, first, count, programs, stride_outb, stride_outh, h0, d0,
+    GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
+):  # fmt: skip
+    """Out for query heads ``h0 .. h0 + HEADS`` (of the GROUP of KV head ``g``; those past the group are skipped) in
+    row ``b``, head-dim slice ``d0 .. d0 + BLOCK_D``: the ``count`` partials of programs ``first ..`` weighted by their
+    share of the softmax mass, SPLITS partials per round trip to memory. Loads bypass L1 (.cg): the partials were
+    written by other SMs during this launch."""
+    offs_h = h0 + tl.arange(0, HEADS)
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    h_ok = offs_h < GROUP
+    m_i = tl.full([HEADS], -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros([HEADS], dtype=tl.float32)
+    acc = tl.zeros([HEADS, BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, count, SPLITS):
+        offs_s = s0 + tl.arange(0, SPLITS)
+        ok = (offs_s < count)[:, None] & h_ok[None, :]  # [SPLITS, HEADS]
+        row = (b * programs + first + offs_s)[:, None] * GROUP + offs_h[None, :]
+        lse = tl.load(LsePart + row, mask=ok, other=-float("inf"), cache_modifier=".cg")
+        parts = tl.load(OPart + row[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=ok[:, :, None], other=0.0,
+                        cache_modifier=".cg")  # fmt: skip
+        m_new = tl.maximum(m_i, tl.max(lse, axis=0))
+        m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
+        w = tl.exp2(lse - m_use[None, :])  # [SPLITS, HEADS]; 0 where a chunk saw nothing
+        corr = tl.exp2(m_i - m_use)
+        acc = acc * corr[:, None] + tl.sum(parts * w[:, :, None], axis=0)
+        l_i = l_i * corr + tl.sum(w, axis=0)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptrs = Out + b * stride_outb + (g * GROUP + offs_h)[:, None] * stride_outh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=h_ok[:, None])
+
+
 def _decode_chunk(
-    Q, K, V, RegionStart, SinkCap, RingCap, Table, Length, Sink, Window, Out, OPart,
+    Q, K, V, RegionStart, SinkCap, RingCap, Table, Length, Sink, Window, Out, OPart, LsePart, Arrived,
     stride_qb, stride_qh, stride_kb, stride_kn, stride_vb, stride_vn, stride_wb, stride_wh, stride_outb, stride_outh,
     kv_heads, programs, chunk_tokens, scale, softcap,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSED_MERGE: tl.constexpr, GROUP_P2: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):  # fmt: skip
     """One (chunk of one KV head, row): online softmax of the group's query heads over ``chunk_tokens`` of the stored
-    tokens the group can see. A head cut into one chunk writes its output; others write a partial and its lse."""
+    tokens the group can see. A head cut into one chunk writes its output; others write a partial and its lse, and
+    with FUSED_MERGE the last of a head's programs to finish merges them (an arrival counter per row and KV head)."""
     r = tl.program_id(0)
     b = tl.program_id(1)
     g = tl.load(Table + r)
@@ -174,46 +211,42 @@ def _decode_chunk(
     if head_chunks == 1:
         o_ptrs = Out + b * stride_outb + heads[:, None] * stride_outh + offs_d[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=h_ok[:, None])
-    else:  # OPart: [batch, programs, GROUP, HEAD_DIM] partial outputs, then [batch, programs, GROUP] lse (log2)
+    else:  # OPart: [batch, programs, GROUP, HEAD_DIM] partial outputs; LsePart: [batch, programs, GROUP] (log2)
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), -float("inf"))
         row = (b * programs + r) * GROUP + offs_h
         tl.store(OPart + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=h_ok[:, None])
-        tl.store(OPart + tl.num_programs(1) * programs * GROUP * HEAD_DIM + row, lse, mask=h_ok)
+        tl.store(LsePart + row, lse, mask=h_ok)
+        if FUSED_MERGE:
+            # every thread's partial stores come before the counter's release (one thread does the atomic); the
+            # acquire makes the other programs' partials visible to the one that arrives last
+            tl.debug_barrier()
+            counter = Arrived + b * kv_heads + g
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+            if arrived == head_chunks - 1:
+                tl.atomic_xchg(counter, 0, sem="relaxed")  # ready for the next launch: no program of this one is left
+                first = tl.load(Table + 2 * programs + g)
+                _merge_partials(
+                    OPart, LsePart, Out, b, g, first, head_chunks, programs, stride_outb, stride_outh, 0, 0,
+                    GROUP=GROUP, HEADS=GROUP_P2, HEAD_DIM=HEAD_DIM, BLOCK_D=HEAD_DIM, SPLITS=SPLITS,
+                )  # fmt: skip
 
 
 def _decode_merge(
-    OPart, Table, Out, stride_outb, stride_outh, kv_heads, programs,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+    OPart, LsePart, Table, Out, stride_outb, stride_outh, kv_heads, programs,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
 ):  # fmt: skip
-    """One (query head, row, BLOCK_D slice of the head dim) of a head cut into several chunks: weight each chunk's
-    partial output by its share of the softmax mass (heads of one chunk were written by _decode_chunk). Up to SPLITS
-    chunks are read in one step, so that most heads merge in one round trip to memory."""
+    """The merge as a second launch (``merge="separate"``): one program per (query head, row, BLOCK_D slice of the
+    head dim) of a KV head cut into several chunks, so that many chunks merge in parallel."""
     h = tl.program_id(0)
     b = tl.program_id(1)
     g = h // GROUP
     first = tl.load(Table + 2 * programs + g)
     count = tl.load(Table + 2 * programs + kv_heads + g)
     if count > 1:
-        lse_base = OPart + tl.num_programs(1) * programs * GROUP * HEAD_DIM
-        offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-        m_i = tl.max(tl.full([SPLITS], -float("inf"), dtype=tl.float32), axis=0)  # scalar tensors: loop-carried
-        l_i = tl.sum(tl.zeros([SPLITS], dtype=tl.float32), axis=0)
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for s0 in range(0, count, SPLITS):
-            offs_s = s0 + tl.arange(0, SPLITS)
-            row = (b * programs + first + offs_s) * GROUP + h % GROUP
-            lse = tl.load(lse_base + row, mask=offs_s < count, other=-float("inf"))
-            m_new = tl.maximum(m_i, tl.max(lse, axis=0))
-            m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
-            w = tl.exp2(lse - m_use)
-            # every chunk program wrote its partial (zeros where it saw nothing): the load does not wait on the lse
-            parts = tl.load(OPart + row[:, None] * HEAD_DIM + offs_d[None, :], mask=(offs_s < count)[:, None], other=0.0)
-            corr = tl.exp2(m_i - m_use)
-            acc = acc * corr + tl.sum(parts * w[:, None], axis=0)
-            l_i = l_i * corr + tl.sum(w, axis=0)
-            m_i = m_new
-        out = acc / tl.where(l_i > 0, l_i, 1.0)
-        tl.store(Out + b * stride_outb + h * stride_outh + offs_d, out.to(Out.dtype.element_ty))
+        _merge_partials(
+            OPart, LsePart, Out, b, g, first, count, programs, stride_outb, stride_outh, h % GROUP,
+            tl.program_id(2) * BLOCK_D, GROUP=GROUP, HEADS=1, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, SPLITS=SPLITS,
+        )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=None)
@@ -222,90 +255,12 @@ def _triton_kernels() -> SimpleNamespace:
     import triton
     import triton.language
 
-    globals()["tl"] = triton.language
+    module = globals()
+    module["tl"] = triton.language
+    module["_merge_partials"] = triton.jit(_merge_partials)
     return SimpleNamespace(
         triton=triton, chunk=triton.jit(_decode_chunk), merge=triton.jit(_decode_merge), interpret=interpreting()
     )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Launch plan: how a shape is cut into programs, decided once per shape (no host work per call beyond a lookup)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DecodeLaunch:
-    """How one decode shape is cut into programs: per row, ``chunks_per_head[g]`` programs for KV head ``g``, each
-    over up to ``chunk_tokens`` of its stored tokens (sized on the regions' capacity, so the grid never depends on
-    the lengths and a CUDA graph can replay it)."""
-
-    block_n: int
-    chunk_tokens: int
-    chunks_per_head: tuple[int, ...]
-    num_warps: int
-    num_stages: int
-    table: torch.Tensor = field(repr=False)  # int32 [2 * programs + 2 * kv_heads], see _launch_table
-
-    @property
-    def programs(self) -> int:
-        """Programs per row (the grid is ``(programs, batch)``)."""
-        return sum(self.chunks_per_head)
-
-    @property
-    def needs_merge(self) -> bool:
-        return max(self.chunks_per_head) > 1
-
-    @property
-    def merge_splits(self) -> int:
-        """Chunks the merge kernel weighs per step (a power of two; more chunks loop)."""
-        return min(256, max(2, next_pow2(max(self.chunks_per_head))))
-
-    def merge_block_d(self, head_dim: int) -> int:
-        """Head-dim slice per merge program: the [splits, slice] tile stays at 8192 values (64 per thread)."""
-        return max(16, min(head_dim, 8192 // self.merge_splits))
-
-
-def _launch_table(chunks_per_head: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Per program: its KV head, then its chunk index; per KV head: its first program, then its program count."""
-    head = [g for g, c in enumerate(chunks_per_head) for _ in range(c)]
-    index = [i for c in chunks_per_head for i in range(c)]
-    first = [sum(chunks_per_head[:g]) for g in range(len(chunks_per_head))]
-    return torch.tensor(head + index + first + list(chunks_per_head), dtype=torch.int32, device=device)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@functools.lru_cache(maxsize=256)
-def decode_launch(
-    batch: int,
-    capacity: tuple[int, ...],
-    device: torch.device,
-    block_n: int | None = None,
-    num_splits: int | None = None,
-    programs: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
-) -> DecodeLaunch:
-    """The launch plan for ``batch`` rows over KV heads holding up to ``capacity[g]`` tokens, cached per shape.
-
-    Chunks are whole ``block_n`` tiles, sized so that the whole batch makes about ``programs`` programs (default four
-    per SM: several resident per SM keep enough loads in flight); ``num_splits`` instead cuts the largest head into
-    that many chunks. Build it before capturing a CUDA graph (its table is copied to the device once).
-    """
-    interpret = interpreting()  # small tiles and few programs keep the CPU interpreter quick
-    block_n = block_n or (16 if interpret else 64)
-    tiles = [max(1, -(-cap // block_n)) for cap in capacity]
-    if num_splits is not None:
-        chunk_tiles = -(-max(tiles) // max(1, num_splits))
-    else:
-        sms = _sm_count(device.index or 0) if device.type == "cuda" else 132  # 132: an H100/H200, for compile checks
-        target = programs or (4 if interpret else 4 * sms)
-        chunk_tiles = max(1, -(-batch * sum(tiles) // target))
-    chunks = tuple(-(-t // chunk_tiles) for t in tiles)
-    return DecodeLaunch(block_n, chunk_tiles * block_n, chunks, num_warps, num_stages, _launch_table(chunks, device))
 
 
 @functools.lru_cache(maxsize=256)
@@ -337,6 +292,7 @@ def decode_attention_triton(
     softcap: float | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,
+    merge: str | None = None,
     launch: DecodeLaunch | None = None,
 ) -> torch.Tensor:
     """The Triton kernel with the reference's arguments (runs on CPU tensors under TRITON_INTERPRET=1).
@@ -344,7 +300,8 @@ def decode_attention_triton(
     The layout as lists lets each KV head get programs for its own capacity; as device tensors it needs
     ``max_tokens`` (the largest ``sink_cap + ring_cap``) and every head is sized for it. ``length`` and ``window`` may
     be int32 or int64. No host synchronisation and no value-dependent allocation: a CUDA graph can capture it once
-    the same shape ran eagerly. ``launch`` overrides the cached launch plan (benchmarks).
+    the same shape ran eagerly. ``block_n``, ``num_splits`` and ``merge`` go to :func:`decode_launch`; ``launch``
+    overrides the cached launch plan (benchmarks).
     """
     kern = _triton_kernels()
     batch, q_heads, head_dim = q.shape
@@ -360,31 +317,36 @@ def decode_attention_triton(
     else:
         capacity = tuple(s + r for s, r in zip(sink_cap, ring_cap))
         layout = _layout_on_device(tuple(region_start), tuple(sink_cap), tuple(ring_cap), device)
-    launch = launch or decode_launch(batch, capacity, device, block_n, num_splits)
+    launch = launch or decode_launch(batch, capacity, device, block_n, num_splits, merge=merge)
     group = q_heads // kv_heads
     q = q if q.stride(-1) == 1 else q.contiguous()
     k_buf = k_buf if k_buf.stride(-1) == 1 else k_buf.contiguous()
     v_buf = v_buf if v_buf.stride(-1) == 1 else v_buf.contiguous()
     out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype, device=device)
     programs = launch.programs
-    # one scratch buffer: partial outputs, then their lse (only heads cut into several chunks use it)
-    scratch = out
-    if launch.needs_merge:
-        scratch = torch.empty(batch * programs * group * (head_dim + 1), dtype=torch.float32, device=device)
+    if launch.arrived.numel() != batch * kv_heads or len(launch.chunks_per_head) != kv_heads:
+        raise ValueError(f"the launch plan was built for other shapes than batch {batch} x {kv_heads} KV heads")
+    if launch.needs_merge:  # partial outputs, then their lse, in one buffer
+        parts = batch * programs * group
+        scratch = torch.empty(parts * (head_dim + 1), dtype=torch.float32, device=device)
+        o_part, lse_part = scratch[: parts * head_dim], scratch[parts * head_dim :]
+    else:
+        o_part = lse_part = out  # not read
     kern.chunk[(programs, batch)](
-        q, k_buf, v_buf, *layout, launch.table, length, sink, window, out, scratch,
+        q, k_buf, v_buf, *layout, launch.table, length, sink, window, out, o_part, lse_part, launch.arrived,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         window.stride(0), window.stride(1), out.stride(0), out.stride(1),
         kv_heads, programs, launch.chunk_tokens, float(head_dim**-0.5 if scale is None else scale), float(softcap or 1.0),
-        GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=head_dim, BLOCK_N=launch.block_n,
-        HAS_SOFTCAP=softcap is not None, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_H=max(16, next_pow2(group)), BLOCK_N=launch.block_n, HAS_SOFTCAP=softcap is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FUSED_MERGE=launch.fused_merge,
+        GROUP=group, HEAD_DIM=head_dim, GROUP_P2=next_pow2(group), SPLITS=launch.fused_merge_splits(group, head_dim),
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
-    if launch.needs_merge:
-        block_d = launch.merge_block_d(head_dim)
+    if launch.needs_merge and not launch.fused_merge:
+        splits, block_d = launch.separate_merge_tiles(head_dim)
         kern.merge[(q_heads, batch, head_dim // block_d)](
-            scratch, launch.table, out, out.stride(0), out.stride(1), kv_heads, programs,
-            GROUP=group, HEAD_DIM=head_dim, SPLITS=launch.merge_splits, BLOCK_D=block_d, num_warps=4,
+            o_part, lse_part, launch.table, out, out.stride(0), out.stride(1), kv_heads, programs,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS=splits, num_warps=4,
         )  # fmt: skip
     return out
 

@@ -5,7 +5,9 @@ weights built on the meta device and materialised on the GPU. Caches are filled 
 context length (decode speed does not depend on the values), so no prefill is timed.
 
 1. Kernel: our split-K decode kernel vs SDPA (dense, same context) and FlexAttention (same sink + window mask) on
-   one layer's shapes. "graph" times are GPU times: calls back to back in one CUDA graph, cycling through enough
+   one layer's shapes; "before" is the previous launch rule (about four programs per SM whatever fits, a second
+   launch to merge) on the same kernel. The cache layer step is timed with the fused store kernel and with the
+   torch ops it replaced. "graph" times are GPU times: calls back to back in one CUDA graph, cycling through enough
    copies of the buffers that none is found in L2 (a model step evicts L2 between layers too). "eager" times are
    one call at a time from Python (host overhead included). GB/s counts the K/V bytes the kernel must read.
 2. End to end: one decode step of the whole model (HF forward, one token per row), eager and replayed from a CUDA
@@ -14,7 +16,8 @@ context length (decode speed does not depend on the values), so no prefill is ti
 
     python scripts/bench_decode.py --out scripts/results/decode_h200.md
     python scripts/bench_decode.py --kernel-only --out scripts/results/decode_kernel_h200.md   # about a minute
-    python scripts/bench_decode.py --kernel-only --sweep --out /tmp/sweep.md   # launch settings, a few shapes
+    python scripts/bench_decode.py --kernel-only --sweep --out /tmp/sweep.md   # + launch settings, a few shapes
+    python scripts/bench_decode.py --sweep-only --out /tmp/sweep.md   # launch settings only (about a minute)
     python scripts/bench_decode.py --skip-kernel --out scripts/results/decode_e2e_h200.md   # whole model only
 """
 
@@ -32,9 +35,11 @@ from types import SimpleNamespace
 
 import torch
 
+from compressor import cache as cache_module
 from compressor import runtime
 from compressor.attention_layers import layer_runtime
 from compressor.cache import PlanCache, PlanCacheLayer, head_windows, layer_layout, query_head_params
+from compressor.kernels.cache_store import store_decode_token_reference
 from compressor.kernels.decode_attention import decode_attention, decode_attention_triton, decode_launch
 from compressor.plan import DensePattern, Plan, WindowPattern
 
@@ -165,21 +170,39 @@ def kernel_case(plan_name: str, n: int, batch: int) -> dict:
     return dict(q=q, bufs=bufs, args=args, read=read, dense=batch * KV_HEADS * n * HEAD_DIM * 2 * 2, capacity=capacity)
 
 
+def previous_launch(batch: int, capacity: tuple[int, ...], device: torch.device):
+    """The launch rule before the one-wave cost model: chunks for about four programs per SM (rounded up per head,
+    so often more than fit at once), merged by a second launch."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = sum(-(-cap // 64) for cap in capacity)
+    chunk_tiles = max(1, -(-batch * tiles // (4 * sms)))
+    return decode_launch(batch, capacity, device, block_n=64, chunk_tokens=chunk_tiles * 64, merge="separate")
+
+
+def launch_label(batch: int, launch) -> str:
+    merge = "" if not launch.needs_merge else (", fused merge" if launch.fused_merge else ", merge launch")
+    return f"{batch * launch.programs} x {launch.chunk_tokens}{merge}"
+
+
 def time_ours(plan_name: str, n: int, batch: int) -> dict:
     case = kernel_case(plan_name, n, batch)
     q, bufs, args = case["q"], case["bufs"], case["args"]
     launch = decode_launch(batch, case["capacity"], q.device)
-    row = {"launch": f"{batch * launch.programs} x {launch.chunk_tokens}", "read": case["read"], "dense": case["dense"]}
+    before = previous_launch(batch, case["capacity"], q.device)
+    row = {"launch": launch_label(batch, launch), "before_launch": launch_label(batch, before), "read": case["read"],
+           "dense": case["dense"]}  # fmt: skip
     row["ours_graph_us"] = graph_us([lambda k=k, v=v: decode_attention(q, k, v, **args) for k, v in bufs])
+    row["before_graph_us"] = graph_us([lambda k=k, v=v: decode_attention_triton(q, k, v, **args, launch=before) for k, v in bufs])
     k0, v0 = bufs[0]
     row["ours_eager_us"] = eager_us(lambda: decode_attention(q, k0, v0, **args))
     row["window"], row["sink"] = args["window"][0], args["sink"]
     return row
 
 
-def time_layer_step(plan_name: str, n: int, batch: int) -> float:
+def time_layer_step(plan_name: str, n: int, batch: int, torch_store: bool = False) -> float:
     """GPU µs of one layer's whole decode step through the cache, as the model runs it: ``PlanCacheLayer.update``
-    and the attention function's call back (store the new K/V in place, windows at the new lengths, the kernel)."""
+    and the attention function's call back (store the new K/V in place, windows at the new lengths, the kernel).
+    ``torch_store``: the store as the torch ops the fused store kernel replaced (its reference)."""
     room = 1024  # tokens the warm-up, the capture and the replays append
     rt = layer_runtime(0, plan_heads(plan_name, 0), None)
     layout = layer_layout(rt, KV_HEADS, n + room, None)
@@ -200,7 +223,12 @@ def time_layer_step(plan_name: str, n: int, batch: int) -> float:
         pending, _ = layer.update(k_new, v_new)
         return pending.compressor_attend(module, query, mask, None, None)
 
-    return graph_us([lambda layer=layer: step(layer) for layer in layers])
+    fused_store = cache_module.store_decode_token
+    cache_module.store_decode_token = store_decode_token_reference if torch_store else fused_store
+    try:
+        return graph_us([lambda layer=layer: step(layer) for layer in layers])
+    finally:
+        cache_module.store_decode_token = fused_store
 
 
 def time_dense(n: int, batch: int, window: torch.Tensor, sink: torch.Tensor) -> dict:
@@ -237,6 +265,8 @@ def bench_kernel(plan_name: str, n: int, batch: int) -> dict:
     torch.cuda.empty_cache()
     row["layer_graph_us"] = time_layer_step(plan_name, n, batch)
     torch.cuda.empty_cache()
+    row["layer_torch_store_us"] = time_layer_step(plan_name, n, batch, torch_store=True)
+    torch.cuda.empty_cache()
     row.update(time_dense(n, batch, row.pop("window"), row.pop("sink")))
     torch.cuda.empty_cache()
     return row
@@ -247,10 +277,10 @@ def kernel_section(contexts, batches, copy_bw: float) -> list[str]:
              "Target: SDPA dense / ours >= 0.7 / (share of keys read), both as GPU time (graph).", "",
              "Cache layer step: the whole decode step of one layer through PlanCacheLayer (store the new K/V, windows, "
              "kernel), in a graph.", "",
-             "| context | batch | plan | keys read | programs x chunk | ours graph µs | ours eager µs | cache layer step "
-             "graph µs | SDPA dense graph µs | SDPA eager µs | Flex (same mask) µs | speedup | target | ours GB/s | "
-             "% of copy BW |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| context | batch | plan | keys read | programs x chunk | ours graph µs | before: programs x chunk | "
+             "before graph µs | ours eager µs | cache layer step graph µs | layer step, torch store µs | "
+             "SDPA dense graph µs | SDPA eager µs | Flex (same mask) µs | speedup | target | ours GB/s | % of copy BW |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     flex_note = ""
     for n in contexts:
         for b in batches:
@@ -261,7 +291,8 @@ def kernel_section(contexts, batches, copy_bw: float) -> list[str]:
                 speedup, target = r["sdpa_graph_us"] / r["ours_graph_us"], 0.7 / share
                 gbps = r["read"] / (r["ours_graph_us"] * 1e-6) / 1e9
                 row = (f"| {n} | {b} | {p} | {share:.1%} | {r['launch']} | {r['ours_graph_us']:.1f} | "
-                       f"{r['ours_eager_us']:.1f} | {r['layer_graph_us']:.1f} | {r['sdpa_graph_us']:.1f} | "
+                       f"{r['before_launch']} | {r['before_graph_us']:.1f} | {r['ours_eager_us']:.1f} | "
+                       f"{r['layer_graph_us']:.1f} | {r['layer_torch_store_us']:.1f} | {r['sdpa_graph_us']:.1f} | "
                        f"{r['sdpa_eager_us']:.1f} | "
                        f"{r['flex_us']:.1f} | {speedup:.1f}x | {target:.1f}x{'' if speedup >= target else ' (missed)'} | "
                        f"{gbps:.0f} | {gbps / (copy_bw / 1e9):.0%} |")  # fmt: skip
@@ -273,35 +304,45 @@ def kernel_section(contexts, batches, copy_bw: float) -> list[str]:
 
 
 def sweep_section() -> list[str]:
-    """Launch settings (tile, programs per SM, warps, stages) on a few shapes; GPU time in a CUDA graph."""
+    """Launch settings (tile, programs per SM, stages, merge) on the shapes that missed their targets; GPU time in a
+    CUDA graph. Each row's chunking is what decode_launch's cost model picks for those settings; rows with
+    programs/SM "-" fix the chunk length instead."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    lines = ["## Launch-setting sweep (graph µs; default: block 64, 4 programs/SM, 4 warps, 2 stages)", "",
-             "| context | batch | plan | block_n | programs/SM | warps | stages | µs | GB/s |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for n, b, p in ((32768, 1, MOA), (65536, 8, MOA), (65536, 8, SINK_WIN), (8192, 1, SINK_WIN)):
+    lines = ["## Launch-setting sweep (graph µs; default: block 64, 4 programs/SM, 4 warps, 2 stages, merge separate)", "",
+             "| context | batch | plan | block_n | programs/SM | stages | merge | programs x chunk | µs | GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    shapes = ((8192, 8, SINK_WIN), (65536, 8, MOA), (8192, 1, SINK_WIN), (32768, 1, MOA), (65536, 1, MOA))
+    for n, b, p in shapes:
         case = kernel_case(p, n, b)
         q, bufs, args = case["q"], case["bufs"], case["args"]
         results = []
-        for block_n in (32, 64, 128):
-            for per_sm in (2, 4, 8):
-                for warps in (4, 8):
-                    for stages in (1, 2, 3):
+        for block_n in (32, 64):
+            for per_sm in (2, 3, 4, 6):
+                for stages in (2, 3):
+                    for merge in (None, "separate"):
                         launch = decode_launch(b, case["capacity"], q.device, block_n=block_n, programs=per_sm * sms,
-                                               num_warps=warps, num_stages=stages)  # fmt: skip
+                                               num_stages=stages, merge=merge)  # fmt: skip
+                        if merge == "separate" and not launch.needs_merge:
+                            continue
                         try:
                             us = graph_us([lambda k=k, v=v: decode_attention_triton(q, k, v, **args, launch=launch) for k, v in bufs], 60)
-                        except Exception as err:  # e.g. out of shared memory at 128 x 3 stages
-                            print(f"sweep {n} {b} {p} {block_n} {per_sm} {warps} {stages}: {type(err).__name__}", flush=True)
+                        except Exception as err:  # e.g. out of shared memory
+                            print(f"sweep {n} {b} {p} {block_n} {per_sm} {stages} {merge}: {type(err).__name__}", flush=True)
                             continue
-                        results.append((us, block_n, per_sm, warps, stages))
-        results.sort()
-        for us, block_n, per_sm, warps, stages in results[:5]:
-            row = f"| {n} | {b} | {p} | {block_n} | {per_sm} | {warps} | {stages} | {us:.1f} | {case['read'] / us / 1e3:.0f} |"
+                        results.append((us, block_n, per_sm, stages, merge or "auto", launch_label(b, launch)))
+        for chunk in (64, 128, 256, 512, 1024):  # the cost model's guess at the merge's cost, checked at a few chunks
+            launch = decode_launch(b, case["capacity"], q.device, block_n=64, chunk_tokens=chunk)
+            us = graph_us([lambda k=k, v=v: decode_attention_triton(q, k, v, **args, launch=launch) for k, v in bufs], 60)
+            results.append((us, 64, "-", 2, "auto", launch_label(b, launch)))
+        results.sort(key=lambda r: r[0])
+        for us, block_n, per_sm, stages, merge, label in results[:8]:
+            row = f"| {n} | {b} | {p} | {block_n} | {per_sm} | {stages} | {merge} | {label} | {us:.1f} | {case['read'] / us / 1e3:.0f} |"
             print(row, flush=True)
             lines.append(row)
-        default = [r for r in results if r[1:] == (64, 4, 4, 2)]
+        default = [r for r in results if r[1:5] == (64, 4, 2, "auto")]
         if default:
             rank = results.index(default[0]) + 1
-            lines.append(f"| {n} | {b} | {p} | default: rank {rank} of {len(results)} | | | | {default[0][0]:.1f} | |")
+            lines.append(f"| {n} | {b} | {p} | default: rank {rank} of {len(results)} | | | | {default[0][5]} | {default[0][0]:.1f} | |")
         del bufs, case
         torch.cuda.empty_cache()
     return lines + [""]
@@ -588,6 +629,7 @@ def main() -> None:
     parser.add_argument("--kernel-only", action="store_true", help="only the kernel section (no model; about a minute)")
     parser.add_argument("--sweep", action="store_true", help="also sweep the kernel's launch settings on a few shapes")
     parser.add_argument("--skip-kernel", action="store_true", help="only the end-to-end sections")
+    parser.add_argument("--sweep-only", action="store_true", help="only the launch-setting sweep (about a minute)")
     args = parser.parse_args()
     contexts = [int(x) for x in args.contexts.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
@@ -603,6 +645,9 @@ def main() -> None:
     ]
     copy_bw = copy_bandwidth()
     lines += [f"Measured device copy bandwidth (read + write): {copy_bw / 1e9:.0f} GB/s", ""]
+    if args.sweep_only:
+        lines += sweep_section()
+        args.skip_kernel = args.kernel_only = True
     if not args.skip_kernel:
         lines += kernel_section(contexts, batches, copy_bw)
         if args.sweep:

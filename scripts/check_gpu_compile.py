@@ -172,11 +172,12 @@ def check_xattention():
 
 
 def check_decode():
+    from compressor.kernels import cache_store as cs
     from compressor.kernels import decode_attention as da
 
     for dtype in _dtypes():
         for d in (64, 128):
-            for group in (1, 4, 8):
+            for group, merge in ((1, "fused"), (4, "fused"), (4, "separate"), (8, "fused"), (8, "separate")):
                 batch, kv_heads, sink_cap, ring_cap = 2, 2, 64, 2048
                 q = torch.zeros(batch, kv_heads * group, d, dtype=dtype)
                 buf = torch.zeros(batch, kv_heads * (sink_cap + ring_cap), d, dtype=dtype)
@@ -184,7 +185,15 @@ def check_decode():
                     q, buf, buf, region_start=[0, sink_cap + ring_cap], sink_cap=[sink_cap] * kv_heads,
                     ring_cap=[ring_cap] * kv_heads, length=torch.tensor([5000, 300]),
                     sink=torch.full((kv_heads * group,), 64, dtype=torch.int32),
-                    window=torch.full((batch, kv_heads * group), 2048, dtype=torch.int32), max_tokens=sink_cap + ring_cap)
+                    window=torch.full((batch, kv_heads * group), 2048, dtype=torch.int32), max_tokens=sink_cap + ring_cap,
+                    merge=merge)
+                cs.store_decode_token_triton(  # the decode step's cache writes (PlanCacheLayer._store_one)
+                    buf, buf, torch.zeros(batch, 1, kv_heads, d, dtype=dtype).transpose(1, 2),
+                    torch.zeros(batch, kv_heads, 1, d, dtype=dtype), region_start=torch.tensor([0, sink_cap + ring_cap]),
+                    sink_cap=torch.tensor([sink_cap] * kv_heads), ring_cap=torch.tensor([ring_cap] * kv_heads),
+                    length=torch.tensor([5000, 300]), valid=torch.ones(batch, 7, dtype=torch.int64)[:, -1],
+                    alpha=torch.full((kv_heads * group,), 2048.0), beta=torch.zeros(kv_heads * group),
+                    sliding=4096 if group == 8 else None, window_out=torch.zeros(batch, kv_heads * group, dtype=torch.int32))
 
 
 def check_quant_linear():

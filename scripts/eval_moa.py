@@ -77,6 +77,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="moa-cpu")
     parser.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.25])
+    parser.add_argument("--influence", nargs="+", default=[],
+                        help="influence estimators to compare (absolute, signed, row); default: the recipe's")
+    parser.add_argument("--cal-lengths", type=int, nargs="+", default=[], help="override the recipe's profiled lengths")
+    parser.add_argument("--cal-samples", type=int, default=0, help="override the recipe's samples per length")
+    parser.add_argument("--score-length", type=int, default=-1, help="override the recipe's held-out scoring length")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--samples", type=int, default=50, help="retrieval samples per (task, length) cell")
     parser.add_argument("--ppl-samples", type=int, default=4)
@@ -116,23 +121,34 @@ def main() -> None:
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     model, tokenizer, _ = load_model("smollm2-135m", device=args.device, dtype="float32")
     recipe = load_recipe(args.recipe)
+    if args.cal_lengths:
+        recipe.calibration.lengths = list(args.cal_lengths)
+    if args.cal_samples:
+        recipe.calibration.samples = args.cal_samples
+    if args.score_length >= 0:
+        recipe.attention.score_length = args.score_length
+    kinds = args.influence or [recipe.attention.influence]
     ctx = CompressionContext(model=model, tokenizer=tokenizer, recipe=recipe, device=model.device)
 
-    searches = {}
+    searches = {}  # (density, influence kind) -> search
     for density in args.densities:
-        config = recipe.attention
-        config.density = density
-        reset_peak()
-        t0 = time.perf_counter()
-        result = moa_plan(ctx, config)
-        searches[density] = {"result": result, "seconds": time.perf_counter() - t0, "peak_mb": peak_rss_mb()}
-        print(f"moa density {density}: {searches[density]['seconds']:.0f}s, peak {searches[density]['peak_mb']:.0f} MiB",
-              json.dumps(result.calibration), flush=True)
+        for kind in kinds:
+            config = recipe.attention
+            config.density = density
+            config.influence = kind
+            reset_peak()
+            t0 = time.perf_counter()
+            result = moa_plan(ctx, config)  # the profile is computed once and shared (ctx.cache)
+            searches[density, kind] = {"result": result, "seconds": time.perf_counter() - t0, "peak_mb": peak_rss_mb()}
+            print(f"moa density {density} influence {kind}: {searches[density, kind]['seconds']:.0f}s, "
+                  f"peak {searches[density, kind]['peak_mb']:.0f} MiB", json.dumps(result.calibration), flush=True)
 
     configs: dict[str, object] = {"dense": None}
-    for density, s in searches.items():
+    for (density, kind), s in searches.items():
         plan = plan_from_heads(model, s["result"].heads)
-        configs[f"moa@{density:g}"] = plan
+        configs[f"moa@{density:g}" + (f" ({kind})" if len(kinds) > 1 else "")] = plan
+        if kind != kinds[0]:
+            continue
         # the uniform elastic window with the MoA plan's density at the longest evaluated length (never above it)
         target = plan.density(max(args.lengths))
         rule = uniform_window(WindowConfig(density=target, sink=64, scaling="elastic", length=max(args.lengths)))
@@ -179,10 +195,10 @@ def write_report(args, started_at, searches, results, transformers_version) -> N
         cells += [f"{r['perplexity'][str(n)]:.3f}" for n in args.lengths]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Calibration + search", ""]
-    for density, s in searches.items():
+    for (density, kind), s in searches.items():
         res = s["result"]
         lines.append(
-            f"- density {density:g}: {s['seconds']:.0f} s wall, peak RSS {s['peak_mb']:.0f} MiB (model included); "
+            f"- density {density:g}, influence {kind}: {s['seconds']:.0f} s wall, peak RSS {s['peak_mb']:.0f} MiB (model included); "
             f"stages {json.dumps(res.calibration['seconds'])}; {res.search['rules']} rules; "
             f"chosen plan {res.search['chosen']}"
         )

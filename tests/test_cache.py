@@ -1,7 +1,9 @@
 """The plan's sink + window cache against the reference: our runtime on transformers' DynamicCache, which keeps every
 token and applies the plan's masks at every step. Same tokens, same logits, a fraction of the memory."""
 
+import importlib.util
 import inspect
+import os
 
 import pytest
 import torch
@@ -116,6 +118,32 @@ def test_chunked_prefill_into_a_filled_cache_keeps_the_window_semantics(family):
     want_tokens, want_logits = _greedy(model, ids, mask, 8, DynamicCache(config=model.config), chunks=3)
     cache = make_cache(model, batch_size=3, max_length=ids.shape[1] + 8)
     got_tokens, got_logits = _greedy(model, ids, mask, 8, cache, chunks=3)
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got_tokens, want_tokens)
+
+
+INTERPRETED_KERNELS = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+    reason="runs the Triton kernels on the CPU model through Triton's interpreter (TRITON_INTERPRET=1)",
+)
+
+
+@INTERPRETED_KERNELS
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_decode_steps_through_the_triton_kernels_equal_the_dense_reference(family, monkeypatch):
+    # on CPU the cache runs the kernels' references; here the store kernel and the split-K attention kernel (fused
+    # merge) run instead, in the interpreter, on left-padded rows and windows that wrap their rings
+    from compressor import cache as cache_module
+    from compressor.kernels.cache_store import store_decode_token_triton
+    from compressor.kernels.decode_attention import decode_attention_triton
+
+    monkeypatch.setattr(cache_module, "store_decode_token", store_decode_token_triton)
+    monkeypatch.setattr(cache_module, "decode_attention", lambda *a, **kw: decode_attention_triton(*a, **kw, num_splits=2))
+    model = runtime.apply(tiny_model(family), _plan(tiny_model(family)))
+    ids, mask = _left_padded([21, 9, 15], seed=6)
+    steps = 24
+    want_tokens, want_logits = _greedy(model, ids, mask, steps, DynamicCache(config=model.config))
+    got_tokens, got_logits = _greedy(model, ids, mask, steps, make_cache(model, batch_size=3, max_length=ids.shape[1] + steps))
     torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(got_tokens, want_tokens)
 

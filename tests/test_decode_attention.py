@@ -3,6 +3,7 @@
 Without a GPU the kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1, set before any kernel is built).
 """
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -70,7 +71,7 @@ def test_reference_equals_naive_attention_over_the_full_history():
     q, k, v, args, history, _ = _case(2, 2, 3, 16, [23, 7], [2, 0, 3, 1, 0, 0], [5, 9, 2, 4, 30, 30], 30, torch.float32)
     got = decode_attention_reference(q, k, v, **args)
     n = args["length"]
-    j = torch.arange(30)
+    j = torch.arange(30, device=n.device)
     sink, window = args["sink"].long(), args["window"]
     visible = (j[None, None] < n[:, None, None]) & (
         (j[None, None] < sink[None, :, None]) | (n[:, None, None] - 1 - j[None, None] < window[:, :, None])
@@ -125,27 +126,78 @@ def test_kernel_equals_reference_for_every_gqa_group_size(group):
 
 
 @needs_triton
+@pytest.mark.parametrize("merge", ["fused", "separate"])
 @pytest.mark.parametrize("num_splits", [1, 2, 4])
-def test_heads_cut_into_one_or_several_chunks_merge_to_the_reference(num_splits):
+def test_heads_cut_into_one_or_several_chunks_merge_to_the_reference(num_splits, merge):
     # a dense head of 60 slots (4 tiles) next to a 2 + 20 ring (2 tiles): one chunk each (written directly), then
     # the small head direct while the dense one is merged, then both merged
     q, k, v, args, _, _ = _case(2, 2, 2, 32, [60, 17], [0, 0, 2, 2], [60, 60, 20, 9], 60, torch.float32)
-    chunks = decode_launch(2, (60, 22), q.device, block_n=16, num_splits=num_splits).chunks_per_head
-    assert chunks == {1: (1, 1), 2: (2, 1), 4: (4, 2)}[num_splits]
+    launch = decode_launch(2, (60, 22), q.device, block_n=16, num_splits=num_splits, merge=merge)
+    assert launch.chunks_per_head == {1: (1, 1), 2: (2, 1), 4: (4, 2)}[num_splits]
     want = decode_attention_reference(q, k, v, **args)
-    got = decode_attention_triton(q, k, v, **args, block_n=16, num_splits=num_splits)
+    got = decode_attention_triton(q, k, v, **args, launch=launch)
     torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
 
 
 @needs_triton
-def test_more_chunks_than_the_merge_weighs_at_once():
-    # 263 chunks of one tile: the merge loops over them, each program on a slice of the head dim
+@pytest.mark.parametrize("merge", ["fused", "separate"])
+def test_more_chunks_than_the_merge_weighs_at_once(merge):
+    # 263 chunks of one tile: the merge loops over them, a few dozen per round trip
     q, k, v, args, _, _ = _case(1, 1, 2, 64, [4200], [1, 0], [4200, 700], 4200, torch.float32)
-    launch = decode_launch(1, (4200,), q.device, block_n=16, num_splits=263)
-    assert launch.chunks_per_head[0] > launch.merge_splits and launch.merge_block_d(64) < 64
+    launch = decode_launch(1, (4200,), q.device, block_n=16, num_splits=263, merge=merge)
+    assert launch.chunks_per_head[0] > 2 * launch.fused_merge_splits(2, 64)
+    assert launch.chunks_per_head[0] > launch.separate_merge_tiles(64)[0] and launch.separate_merge_tiles(64)[1] < 64
     want = decode_attention_reference(q, k, v, **args)
     got = decode_attention_triton(q, k, v, **args, launch=launch)
     torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
+
+
+def _reversed_chunks(launch):
+    """The same launch with each head's chunks in reverse program order: another program of each head is the last to
+    arrive (the interpreter runs programs one after another, in order)."""
+    programs, table = launch.programs, launch.table.clone()
+    for g, first in enumerate(table[2 * programs : 2 * programs + len(launch.chunks_per_head)].tolist()):
+        count = launch.chunks_per_head[g]
+        table[programs + first : programs + first + count] = table[programs + first : programs + first + count].flip(0)
+    return dataclasses.replace(launch, table=table, arrived=torch.zeros_like(launch.arrived))
+
+
+@needs_triton
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_the_fused_merge_does_not_depend_on_which_program_arrives_last(group):
+    q, k, v, args, _, _ = _ragged_case(group, seed=20 + group)
+    launch = decode_launch(3, (47, 47), q.device, block_n=16, num_splits=3, merge="fused")
+    want = decode_attention_reference(q, k, v, **args)
+    in_order = decode_attention_triton(q, k, v, **args, launch=launch)
+    reversed_ = decode_attention_triton(q, k, v, **args, launch=_reversed_chunks(launch))
+    torch.testing.assert_close(in_order, want, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(reversed_, want, **TOLERANCE[torch.float32])
+
+
+@needs_triton
+def test_the_arrival_counters_reset_themselves_between_calls():
+    # what a CUDA graph replay relies on: a second call with the same launch (and its counters) merges again
+    q, k, v, args, _, _ = _ragged_case(4, seed=31)
+    launch = decode_launch(3, (47, 47), q.device, block_n=16, num_splits=3, merge="fused")
+    first = decode_attention_triton(q, k, v, **args, launch=launch)
+    assert launch.needs_merge and launch.fused_merge and not launch.arrived.any()
+    second = decode_attention_triton(q, k, v, **args, launch=launch)
+    assert not launch.arrived.any()
+    torch.testing.assert_close(second, first, atol=0, rtol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("merge", ["fused", "separate"])
+def test_no_output_or_partial_is_read_before_it_is_written(merge, monkeypatch):
+    # outputs and the partials' scratch come from torch.empty: poison it, so that a read of an unwritten value
+    # (a merge reading a partial no program wrote, a row left unwritten) turns into NaN
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(math.nan))
+    q, k, v, args, _, _ = _case(2, 2, 4, 32, [60, 1], [2, 2, 0, 0, 1, 1, 1, 1], [7, 60, 60, 60, 5, 5, 5, 5], 60,
+                                torch.float32)  # fmt: skip
+    launch = decode_launch(2, (60, 7), q.device, block_n=16, num_splits=4, merge=merge)
+    got = decode_attention_triton(q, k, v, **args, launch=launch)
+    torch.testing.assert_close(got, decode_attention_reference(q, k, v, **args), **TOLERANCE[torch.float32])
 
 
 @needs_triton
@@ -170,6 +222,23 @@ def test_launch_gives_each_head_programs_in_proportion_to_its_capacity():
 def test_a_large_batch_needs_no_merge():
     launch = decode_launch(128, (2112,) * 8, torch.device("cpu"), block_n=64, programs=4 * 132)
     assert launch.chunks_per_head == (1,) * 8 and not launch.needs_merge
+
+
+@pytest.mark.parametrize("batch", [1, 8, 64])
+def test_uniform_heads_fit_in_one_wave_of_programs(batch):
+    # sink 64 + window 2048 on Llama-3-8B's 8 KV heads, 132 SMs x 4 programs: a program left for a second wave
+    # would run alone on its SM after the others finished (576 programs of 256 tokens read 62% of copy bandwidth)
+    launch = decode_launch(batch, (2112,) * 8, torch.device("cpu"), block_n=64, programs=4 * 132)
+    assert batch * launch.programs <= 4 * 132
+    assert batch * launch.programs * launch.chunk_tokens >= batch * 8 * 2112  # every token has a program
+    assert not launch.fused_merge  # the merge launch is the default: measured faster on the H200
+
+
+def test_a_launch_for_another_batch_is_refused():
+    q, k, v, args, _, _ = _ragged_case(2, seed=3)
+    launch = decode_launch(2, (47, 47), q.device, block_n=16, num_splits=2)
+    with pytest.raises(ValueError, match="batch 3"):
+        decode_attention_triton(q, k, v, **args, launch=launch)
 
 
 @pytest.mark.cuda

@@ -47,8 +47,9 @@ def explicit_attention(module, query, key, value, attention_mask, scaling=None, 
 AttentionInterface.register("test_explicit", explicit_attention)
 
 
-def brute_force_profile(model, sample, sink, text_fraction=0.25):
-    """Full A and G = dL/dA by autograd, MoA's influence per entry, binned by distance: [layers, heads, N]."""
+def brute_force_profile(model, sample, sink, text_fraction=0.25, rows=None):
+    """Full A and G = dL/dA by autograd, MoA's influence per entry, binned by distance: [layers, heads, N].
+    ``rows``: a list that receives, per layer, the row-wise cut table [heads, N + 1] built by explicit loops."""
     model.set_attn_implementation("test_explicit")
     ids = sample.input_ids[None]
     start = scored_start(sample, text_fraction)
@@ -72,6 +73,14 @@ def brute_force_profile(model, sample, sink, text_fraction=0.25):
         for d in range(n):
             hist[:, d] = torch.diagonal(body, offset=-d, dim1=1, dim2=2).abs().sum(-1)
         hists.append(hist)
+        if rows is not None:  # every row, every cut w: drop the non-sink keys j <= i - w, renormalise, first order
+            table = torch.zeros(a.shape[0], n + 1, dtype=torch.float64)
+            for i in range(n):
+                for w in range(1, i - sink + 1):
+                    keys = slice(sink, i - w + 1)
+                    change = -(a[:, i, keys] * (g[:, i, keys] - s[:, i])).sum(-1)
+                    table[:, w] += change.abs() / (1 - a[:, i, keys].sum(-1)).clamp_min(1e-3)
+            rows.append(table)
     return torch.stack(hists), torch.stack(sinks)
 
 
@@ -92,6 +101,22 @@ def test_histogram_equals_brute_force(answer_start):
 
     torch.testing.assert_close(profile.absolute, hist, rtol=1e-4, atol=1e-9)
     torch.testing.assert_close(profile.sink_absolute, sink, rtol=1e-4, atol=1e-9)
+
+
+def test_row_cut_table_equals_explicit_rows():
+    model = tiny_llama()
+    sample = retrieval_sample(3)
+    sample.answer_start = 0
+
+    profile, _ = profile_sample(model, sample, SINK, chunk=5)
+    rows: list[torch.Tensor] = []
+    brute_force_profile(model, sample, SINK, rows=rows)
+
+    torch.testing.assert_close(profile.row_cut, torch.stack(rows), rtol=1e-4, atol=1e-9)
+    windows = torch.tensor([1, 7, TOKENS])
+    cut = loss_outside_window(profile, windows, "row")
+    assert cut[..., -1].abs().max() == 0  # a window as long as the input drops nothing
+    assert cut[..., 0].min() > 0
 
 
 def test_profile_averages_samples_and_keeps_model_parameters_untouched():

@@ -23,6 +23,7 @@ import torch
 
 from compressor.calibration.data import RetrievalSample, calibration_samples
 from compressor.calibration.influence import (
+    INFLUENCE_KINDS,
     InfluenceProfile,
     loss_outside_window,
     model_aligned_samples,
@@ -55,7 +56,7 @@ class MoAConfig:
     dense_option: bool = True
     max_rules_per_layer: int | None = None
     tie_kv_groups: bool | None = None
-    influence: Literal["absolute", "signed"] = "absolute"
+    influence: Literal["absolute", "signed", "row"] = "row"
     align_answers: bool = True
     answer_tokens: int = 16
     text_fraction: float = 0.25
@@ -81,8 +82,8 @@ class MoAConfig:
             raise ValueError(f"beta_steps must be >= 1 (beta grid 0..1 in 1/beta_steps), got {self.beta_steps}")
         if self.max_rules_per_layer is not None and self.max_rules_per_layer < 1:
             raise ValueError(f"max_rules_per_layer must be >= 1 or null, got {self.max_rules_per_layer}")
-        if self.influence not in ("absolute", "signed"):
-            raise ValueError(f"influence must be 'absolute' or 'signed', got {self.influence!r}")
+        if self.influence not in INFLUENCE_KINDS:
+            raise ValueError(f"influence must be one of {', '.join(INFLUENCE_KINDS)}, got {self.influence!r}")
         if self.answer_tokens < 1:
             raise ValueError(f"answer_tokens must be >= 1, got {self.answer_tokens}")
         if not 0.0 < self.text_fraction <= 1.0:
