@@ -55,12 +55,14 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def quantize_modules(root: nn.Module, settings: dict[str, dict[str, Any]]) -> dict[str, nn.Module]:
+def quantize_modules(
+    root: nn.Module, settings: dict[str, dict[str, Any]], codes: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> dict[str, nn.Module]:
     """Replace each ``nn.Linear`` named in ``settings`` (names relative to ``root``) by a QuantLinear.
 
     Settings: ``precision`` (required), ``hadamard`` (online block, optional), ``input_scale`` (tensor, optional),
-    ``clip`` (int4 scale search, optional).
-    Layers whose precision is ``bf16`` are left as they are. Returns the new modules by name.
+    ``clip`` (int4 scale search, optional). ``codes`` gives chosen ``(q, scale)`` per name (GPTQ); the others are
+    rounded to nearest. Layers whose precision is ``bf16`` are left as they are. Returns the new modules by name.
     """
     out = {}
     for name, s in settings.items():
@@ -72,17 +74,32 @@ def quantize_modules(root: nn.Module, settings: dict[str, dict[str, Any]]) -> di
             raise CompressorError(f"{name} is already quantized ({module.precision.name}); apply a plan to a dense model")
         if not isinstance(module, nn.Linear):
             raise CompressorError(f"{name} is a {type(module).__name__}, not an nn.Linear: cannot quantize it")
-        new = QuantLinear.from_linear(module, p.name, int(s.get("hadamard") or 0), s.get("input_scale"), s.get("clip"))
+        new = QuantLinear.from_linear(module, p.name, int(s.get("hadamard") or 0), s.get("input_scale"), s.get("clip"),
+                                      (codes or {}).get(name))
         _set_module(root, name, new)
         out[name] = new
     return out
 
 
 @torch.no_grad()
-def apply_layer_settings(layer: nn.Module, settings: dict[str, dict[str, Any]]) -> dict[str, nn.Module]:
-    """Fold balancing and rotations of one decoder layer (or any module) into its weights, then quantize."""
+def apply_layer_settings(
+    layer: nn.Module, settings: dict[str, dict[str, Any]], hessians: dict[str, torch.Tensor] | None = None,
+    gptq: dict[str, Any] | None = None,
+) -> dict[str, nn.Module]:
+    """Fold balancing and rotations of one decoder layer (or any module) into its weights, then quantize: GPTQ
+    (options ``gptq``) for the modules with a Hessian (``[in, in]`` of their balanced, rotated inputs), else nearest."""
+    from compressor.linear_quant.gptq import gptq_quantize
+
     runtime = fold_layer_balancing(layer, settings)
-    return quantize_modules(layer, runtime)
+    codes = {}
+    for name, h in (hessians or {}).items():
+        opts = gptq or {}
+        clip = runtime[name].get("clip") or {}
+        codes[name] = gptq_quantize(
+            layer.get_submodule(name).weight, h, precision(runtime[name]["precision"]), float(opts.get("damp", 0.01)),
+            int(opts.get("block", 128)), bool(opts.get("act_order", True)), clip.get("grid"),
+        )
+    return quantize_modules(layer, runtime, codes)
 
 
 @torch.no_grad()
@@ -97,11 +114,17 @@ def apply_linear_plan(model: nn.Module, plan: Any) -> nn.Module:
         check_applied(model, plan)
         return model
     for (name, layer), layer_plan in zip(layers, plan.layers):
-        if layer_plan.linear:
-            missing = [k for k in layer_plan.linear if not _has_module(layer, k)]
-            if missing:
-                raise CompressorError(f"plan names linear layers {missing} that {name} does not have")
-            apply_layer_settings(layer, layer_plan.linear)
+        missing = [k for k in (layer_plan.linear or {}) if not _has_module(layer, k)]
+        if missing:
+            raise CompressorError(f"plan names linear layers {missing} that {name} does not have")
+    if any(s.get("rounding") == "gptq" for lp in plan.layers for s in (lp.linear or {}).values()):
+        from compressor.linear_quant.gptq import apply_gptq_layers
+
+        apply_gptq_layers(model, layers, [lp.linear for lp in plan.layers], (plan.linear or {}).get("gptq") or {})
+    else:
+        for (_, layer), layer_plan in zip(layers, plan.layers):
+            if layer_plan.linear:
+                apply_layer_settings(layer, layer_plan.linear)
     outside = (plan.linear or {}).get("modules") or {}
     if outside:
         apply_layer_settings(model, outside)

@@ -4,7 +4,10 @@ balancing and Hadamard rotation, and optional mixed precision searched from meas
 ```yaml
 linear: {method: vidit-q, precision: w8a8-int8, smooth: true, rotate: false}
 linear: {method: vidit-q, precision: mixed, candidates: [bf16, w8a8-int8, w4a8], budget: bits, budget_value: 5.0}
+linear: {method: vidit-q, precision: w4a8, smooth: true, rounding: gptq}
 ```
+``rounding: gptq`` chooses the codes with GPTQ's error compensation (``compressor.linear_quant.gptq``) instead of
+rounding to nearest; the plan then carries the calibration token ids it needs (``plan.linear["gptq"]``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ class LinearQuantConfig:
     rotate_block: int = 128
     clip_search: bool = False  # int4 group scales: search clipping ratios on calibration inputs (AWQ-style)
     clip_grid: list[float] = field(default_factory=lambda: [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6])
+    rounding: Literal["nearest", "gptq"] = "nearest"  # gptq: error-compensating rounding on calibration Hessians
+    gptq_damp: float = 0.01  # added to the Hessian's diagonal, relative to its mean
+    gptq_block: int = 128  # columns updated lazily together (a multiple of the int4 group)
+    gptq_act_order: bool = True  # quantize the input channels of largest mean square first
     calibration_rows: int = 256
     candidates: list[str] = field(default_factory=lambda: ["bf16", "w8a8-int8", "w4a8"])
     budget: Literal["bits", "memory", "latency"] = "bits"
@@ -61,6 +68,12 @@ class LinearQuantConfig:
             raise ValueError(f"smooth_grid values must lie in [0, 1], got {self.smooth_grid}")
         if not self.clip_grid or not all(0.0 < r <= 1.0 for r in self.clip_grid):
             raise ValueError(f"clip_grid needs ratios in (0, 1], got {self.clip_grid}")
+        if self.rounding not in ("nearest", "gptq"):
+            raise ValueError(f"rounding must be 'nearest' or 'gptq', got {self.rounding!r}")
+        if not 0.0 < self.gptq_damp < 1.0:
+            raise ValueError(f"gptq_damp must lie in (0, 1), got {self.gptq_damp}")
+        if self.gptq_block < 1:
+            raise ValueError(f"gptq_block must be >= 1, got {self.gptq_block}")
 
     def used_precisions(self) -> list[str]:
         return self.candidates if self.precision == "mixed" else [self.precision]
@@ -114,6 +127,15 @@ def linear_quant_plan(ctx: CompressionContext, config: LinearQuantConfig) -> Met
     if config.precision == "mixed":
         settings, search = _mixed(ctx, config, settings)
     linear_model = {"modules": {n: {"precision": base if config.precision != "mixed" else "bf16"} for n in outside}} if outside else None
+    if config.rounding == "gptq":
+        for layer in settings:
+            for s in layer.values():
+                if PRECISIONS[s["precision"]].quantized:
+                    s["rounding"] = "gptq"
+        linear_model = dict(linear_model or {}, gptq={
+            "damp": config.gptq_damp, "block": config.gptq_block, "act_order": config.gptq_act_order,
+            "ids": [[int(t) for t in s.input_ids.reshape(-1).tolist()] for s in ctx.calibration_samples],
+        })
     calibration = {"smooth": records} if config.smooth else {}
     return MethodResult(linear=[s or None for s in settings], linear_model=linear_model, calibration=calibration, search=search)
 

@@ -61,16 +61,20 @@ class QuantLinear(nn.Module):
     @staticmethod
     def from_linear(
         linear: nn.Linear, precision_name: str, hadamard_block: int = 0, input_scale: torch.Tensor | None = None,
-        clip: dict | None = None,
+        clip: dict | None = None, codes: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> QuantLinear:
         """Quantize ``linear`` (whose weight is already balanced and rotated) into a new QuantLinear; ``clip``:
-        ``{"grid": [ratios], "importance": [in] or None}`` searches int4 group scales (8-bit weights ignore it)."""
+        ``{"grid": [ratios], "importance": [in] or None}`` searches int4 group scales (8-bit weights ignore it);
+        ``codes``: ``(q, scale)`` already chosen (GPTQ), stored as they are."""
         w = linear.weight.detach()
         module = QuantLinear(
             linear.in_features, linear.out_features, precision_name, linear.bias is not None, hadamard_block,
             input_scale is not None, dtype=w.dtype, device=w.device,
         )
-        module.set_weight(w, clip)
+        if codes is not None:
+            module.set_codes(*codes)
+        else:
+            module.set_weight(w, clip)
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
         if input_scale is not None:
@@ -91,6 +95,18 @@ class QuantLinear(nn.Module):
             q, scale = ref.quantize_weight_per_channel(weight, p.weight)
             self.weight.copy_(q)
             self.weight_scale.copy_(scale[:, None])
+
+    def set_codes(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        """Store chosen codes ``q: [out, in]`` (int8, int4 values in int8, or fp8) and their scales as they are."""
+        p = self.precision
+        if p.weight == "int4":
+            if int(q.min()) < -8 or int(q.max()) > 7:
+                raise ValueError(f"int4 codes must lie in [-8, 7], got [{int(q.min())}, {int(q.max())}]")
+            self.weight_packed.copy_(ref.pack_int4(q.to(torch.int8)))
+            self.weight_scale.copy_(scale.reshape(self.weight_scale.shape))
+        else:
+            self.weight.copy_(q.to(self.weight.dtype))
+            self.weight_scale.copy_(scale.reshape(-1, 1))
 
     # -- use --------------------------------------------------------------------------------------------------
     def quantized_weight(self) -> torch.Tensor:

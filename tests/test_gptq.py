@@ -1,0 +1,111 @@
+"""GPTQ rounding: lower output error than round-to-nearest on the same grid, codes in range, and plans that use it
+(on the tiny random Llama of test_linear_quant)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from compressor.kernels import quant_reference as ref
+from compressor.linear_quant import apply_linear_plan
+from compressor.linear_quant.formats import precision
+from compressor.linear_quant.gptq import gptq_quantize
+from tests.test_linear_quant import IDS, tiny_llama, uniform_plan
+
+
+def correlated_inputs(rows: int = 512, features: int = 128, seed: int = 0) -> torch.Tensor:
+    """Inputs ``[rows, features]`` with correlated channels and a few large ones, as real layer inputs have."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(features, features, generator=gen) / features**0.5 + torch.eye(features)
+    x = torch.randn(rows, features, generator=gen) @ mix
+    x[:, :3] *= 8.0
+    return x
+
+
+def rtn(w: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    p = precision(name)
+    return ref.quantize_weight_int4_groups(w, p.group_size) if p.weight == "int4" else ref.quantize_weight_per_channel(w, p.weight)
+
+
+@pytest.mark.parametrize("name", ["w8a8-int8", "w8a8-fp8", "w4a8-g64"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_output_error_below_round_to_nearest(name, act_order):
+    x = correlated_inputs()
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(1))
+    p = precision(name)
+    q, s = gptq_quantize(w, x.t() @ x, p, act_order=act_order, block=64)
+    q0, s0 = rtn(w, name)
+    err = (x @ (w - ref.dequantize_weight(q, s, p.group_size)).t()).norm()
+    err0 = (x @ (w - ref.dequantize_weight(q0, s0, p.group_size)).t()).norm()
+    assert err < 0.9 * err0, f"GPTQ {err:.4g} vs nearest {err0:.4g}"
+
+
+@pytest.mark.parametrize("name,lo,hi", [("w8a8-int8", -127, 127), ("w4a8", -8, 7)])
+def test_gptq_codes_stay_in_range(name, lo, hi):
+    x = correlated_inputs(features=256)
+    w = torch.randn(32, 256) * torch.linspace(0.1, 5.0, 256)  # wide per-column spread: updates push codes to the edge
+    q, s = gptq_quantize(w, x.t() @ x, precision(name))
+    assert q.dtype == torch.int8 and int(q.min()) >= lo and int(q.max()) <= hi
+    assert s.shape == ((32,) if name == "w8a8-int8" else (32, 2))
+
+
+def test_gptq_without_calibration_ids_is_refused():
+    from compressor.errors import CompressorError
+
+    model = tiny_llama()
+    plan = uniform_plan(model, "w8a8-int8")
+    for layer in plan.layers:
+        for s in layer.linear.values():
+            s["rounding"] = "gptq"
+    with pytest.raises(CompressorError, match="calibration ids"):
+        apply_linear_plan(copy.deepcopy(model), plan)
+
+
+@pytest.mark.parametrize("balance", [{}, {"smooth": True, "rotate": True}])
+def test_gptq_plan_tracks_dense_better_than_nearest_at_4_bits(balance):
+    from compressor.methods import METHODS, CompressionContext
+    from compressor.pipeline import build_plan
+    from compressor.recipe import parse_recipe
+
+    model = tiny_llama(hidden=192)
+    dense = model(IDS).logits
+
+    class Sample:
+        def __init__(self, row: torch.Tensor) -> None:
+            self.input_ids = row
+
+    calib = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(2))
+    outs = {}
+    for rounding in ("nearest", "gptq"):
+        recipe = parse_recipe({"name": "t", "linear": {"method": "vidit-q", "precision": "w4a8", "rounding": rounding,
+                                                       "calibration_rows": 128, **balance}})
+        ctx = CompressionContext(model=model, tokenizer=None, recipe=recipe, device=torch.device("cpu"),
+                                 cache={"samples": [Sample(r) for r in calib]})
+        result = METHODS[("linear", "vidit-q")].run(ctx, recipe.linear)
+        plan = build_plan(model, recipe, {"linear": result}, {})
+        assert (plan.linear or {}).get("gptq") is None or len(plan.linear["gptq"]["ids"]) == 4
+        outs[rounding] = apply_linear_plan(copy.deepcopy(model), plan)(IDS).logits
+    err = {k: float((v - dense).detach().pow(2).mean()) for k, v in outs.items()}
+    assert err["gptq"] < err["nearest"], err
+
+
+def test_gptq_plan_round_trips_through_json_and_applies_the_same():
+    import json
+
+    from compressor.plan import Plan, validate_schema
+
+    model = tiny_llama()
+    plan = uniform_plan(model, "w8a8-fp8")
+    for layer in plan.layers:
+        for s in layer.linear.values():
+            s["rounding"] = "gptq"
+    plan.linear = {"gptq": {"damp": 0.01, "block": 128, "act_order": True, "ids": IDS.tolist()}}
+    doc = json.loads(plan.to_json())
+    validate_schema(doc)
+    again = Plan.from_json(plan.to_json())
+    assert again.linear == plan.linear and again.layers[0].linear == plan.layers[0].linear
+    a = apply_linear_plan(copy.deepcopy(model), plan)
+    b = apply_linear_plan(copy.deepcopy(model), again)
+    assert torch.equal(a.model.layers[1].mlp.down_proj.weight.float(), b.model.layers[1].mlp.down_proj.weight.float())
