@@ -1,10 +1,14 @@
 """Quantized linear layer on the GPU: per-token activation quantization and a low-bit GEMM with a fused epilogue.
 
 Spec: ``quant_reference.quant_linear_reference``. Paths chosen by :func:`quant_linear` (``backend="auto"``):
-- M <= 4 tokens: ONE launch, ``triton_linear_fused``: each GEMM program takes the per-token absmax of x itself and
-  quantizes it in registers; narrow N tiles give N / 16..64 programs, enough to stream the weight at HBM speed;
-- 4 < M <= 16: the activation kernel, then the same narrow-tile GEMM on the codes (every fused program would re-read
-  all of x, 16 rows of it, which costs more L2 traffic than the weight slice it reads);
+- M <= 16 tokens (decode): :func:`decode_route` picks, per (precision, M bucket, K, N), from a table of H200
+  measurements (``DECODE_ROUTES``; ``scripts/bench_quant_linear.py --gemv-sweep`` prints entries for it) either
+  the split-K decode GEMV of ``quant_gemv`` (explicit tiles, scale taken inside or codes first) or the narrow-tile
+  GEMM below, which is the default until the GEMV is measured at least as fast:
+  - M <= 4 tokens: ONE launch, ``triton_linear_fused``: each GEMM program takes the per-token absmax of x itself and
+    quantizes it in registers; narrow N tiles give N / 16..64 programs, enough to stream the weight at HBM speed;
+  - 4 < M <= 16: the activation kernel, then the same narrow-tile GEMM on the codes (every fused program would
+    re-read all of x, 16 rows of it, which costs more L2 traffic than the weight slice it reads);
 - M > 16: the activation kernel, then a Hopper-tiled GEMM (128x256x128 class, grouped tile order), autotuned per
   (M bucket, N, K); fp8 goes to ``torch._scaled_mm`` there (cuBLAS row-wise fp8: 1000+ TFLOP/s measured);
 - W4A8 (int4 packed 8 per int32 along K, group scales): the same kernels unpack the int4 bytes in registers, one
@@ -16,6 +20,7 @@ reference, with a one-time warning naming the reason (``backend="triton"`` raise
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +30,7 @@ from compressor.kernels.triton_support import interpreting, next_pow2, triton_av
 
 SMALL_M = 16  # at most this many tokens: narrow-N decode tiles (M padded to the MMA's 16 rows)
 FUSED_MAX_M = 4  # at most this many: the activation is quantized inside the GEMM (one launch)
+GEMV_INLINE_SCALE_MAX_M = 4  # decode GEMV: up to this many tokens every program reads x for the scale (no 2nd launch)
 # Under the CPU interpreter the launchers use these tiles; on the GPU the autotuner picks from quant_triton's lists.
 INTERPRETER_TILES = {
     "small": dict(BLOCK_N=32, BLOCK_K=64, GROUP_M=1),
@@ -37,6 +43,59 @@ def _fallback(reason: str) -> None:
     if reason not in _warned:  # once per reason: the per-process record of what was said
         _warned.add(reason)
         warnings.warn(f"quantized linear: {reason}; running the PyTorch reference instead", stacklevel=3)
+
+
+@dataclass(frozen=True)
+class DecodeRoute:
+    """How :func:`quant_linear` runs M <= 16 tokens. ``kernel``: ``"gemm"`` (the fused / two-launch narrow-tile GEMM)
+    or ``"gemv"`` (``quant_gemv``); for the GEMV, ``config`` its tiles (``BLOCK_N``, ``BLOCK_K``, ``SPLIT_K``,
+    ``num_warps``, ``num_stages``; None: ``gemv_config``'s rule), ``scale_inside`` whether it quantizes float x itself
+    (else ``quantize_activation`` runs first) and ``pdl`` programmatic dependent launch (sm_90+)."""
+
+    kernel: str = "gemm"
+    config: dict | None = field(default=None, hash=False)
+    scale_inside: bool = True
+    pdl: bool = True
+
+    def __post_init__(self):
+        if self.kernel not in ("gemm", "gemv"):
+            raise ValueError(f"DecodeRoute.kernel must be 'gemm' or 'gemv', got {self.kernel!r}")
+
+
+OLD_DECODE = DecodeRoute("gemm")
+# (precision "int8" / "fp8" / "w4a8", M bucket: 1 for M <= GEMV_INLINE_SCALE_MAX_M else 16, K, N) -> route. Only
+# where the H200 sweep (scripts/results/quant_gemv_sweep_h200.md, CUDA-graph replay, activation quantization
+# included) measured the GEMV at least 3% faster than the narrow-tile GEMM; fp8 was not swept and keeps the GEMM.
+def _gemv(n: int, k: int, split: int, stages: int, scale_inside: bool, pdl: bool) -> DecodeRoute:
+    tiles = {"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split, "num_warps": 4, "num_stages": stages}
+    return DecodeRoute("gemv", tiles, scale_inside=scale_inside, pdl=pdl)
+
+
+DECODE_ROUTES: dict[tuple[str, int, int, int], DecodeRoute] = {
+    ("int8", 1, 4096, 4096): _gemv(32, 256, 1, 4, True, True),  # 0.0118 ms vs 0.0128 (bf16 0.0145)
+    ("int8", 1, 14336, 4096): _gemv(32, 512, 4, 3, True, False),  # 0.0264 vs 0.0304 (bf16 0.0332)
+    ("int8", 16, 14336, 4096): _gemv(32, 256, 1, 6, False, True),  # 0.0270 vs 0.0281 (bf16 0.0341)
+    ("w4a8", 1, 4096, 4096): _gemv(64, 128, 8, 6, True, False),  # 0.0145 vs 0.0160 (bf16 0.0145)
+    ("w4a8", 16, 4096, 4096): _gemv(32, 128, 4, 6, False, False),  # 0.0169 vs 0.0177 (bf16 0.0147)
+    ("w4a8", 1, 4096, 6144): _gemv(128, 128, 8, 6, True, False),  # 0.0176 vs 0.0199 (bf16 0.0166)
+    ("w4a8", 16, 4096, 6144): _gemv(64, 128, 8, 6, False, False),  # 0.0198 vs 0.0210 (bf16 0.0171)
+    ("w4a8", 1, 14336, 4096): _gemv(128, 128, 16, 6, True, False),  # 0.0324 vs 0.0557 (bf16 0.0332)
+    ("w4a8", 16, 14336, 4096): _gemv(32, 128, 8, 6, False, False),  # 0.0356 vs 0.0492 (bf16 0.0341)
+}
+
+
+def decode_bucket(m: int) -> int:
+    """The M bucket that keys ``DECODE_ROUTES``: 1 (one launch can take the scale inside) or 16."""
+    return 1 if m <= GEMV_INLINE_SCALE_MAX_M else SMALL_M
+
+
+def decode_route(precision: str, m: int, k: int, n: int, hadamard_block: int = 0) -> DecodeRoute:
+    """The measured route for ``m <= 16`` tokens of a ``k -> n`` layer (``precision``: int8, fp8 or w4a8); the
+    narrow-tile GEMM where nothing was measured. A rotated input (online Hadamard: fp32 x) always takes the GEMM:
+    the GEMV on the rotated row measured 5x slower (0.072 vs 0.015 ms at 4096->4096, M = 1)."""
+    if hadamard_block:
+        return OLD_DECODE
+    return DECODE_ROUTES.get((precision, decode_bucket(m), k, n), OLD_DECODE)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -160,6 +219,30 @@ def torch_gemm(
     return y[:m]
 
 
+def _decode_linear(
+    x2: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, act_dtype: str,
+    group_size: int, hadamard_block: int, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """M <= 16 tokens (``x2`` already rotated) along :func:`decode_route`'s route."""
+    m, k = x2.shape
+    int4 = weight_q.dtype == torch.int32
+    route = decode_route("w4a8" if int4 else act_dtype, m, k, weight_q.shape[0], hadamard_block)
+    if route.kernel == "gemv":
+        from compressor.kernels.quant_gemv import quant_gemv
+
+        pdl = None if route.pdl else False  # None: where the GPU has it (sm_90+, not under the interpreter)
+        if route.scale_inside:
+            return quant_gemv(x2, weight_q, weight_scale, bias, act_dtype, group_size, out_dtype, config=route.config,
+                              pdl=pdl)
+        a_q, a_s = quantize_activation(x2, act_dtype)
+        return quant_gemv(a_q, weight_q, weight_scale, bias, act_dtype, group_size, out_dtype, x_scale=a_s,
+                          config=route.config, pdl=pdl)
+    if m <= FUSED_MAX_M:
+        return triton_linear_fused(x2, weight_q, weight_scale, bias, act_dtype, group_size, out_dtype)
+    a_q, a_s = quantize_activation(x2, act_dtype)
+    return triton_gemm(a_q, a_s, weight_q, weight_scale, bias, out_dtype, group_size)
+
+
 def _fast_linear(
     x2: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, act_dtype: str,
     group_size: int, hadamard_block: int, out_dtype: torch.dtype, backend: str,
@@ -169,8 +252,8 @@ def _fast_linear(
     xin = hadamard_rotate(x2, hadamard_block) if hadamard_block else x2
     if not int4 and (backend == "torch" or (backend == "auto" and act_dtype == "fp8" and m > SMALL_M)):
         return torch_gemm(*quantize_activation(xin, act_dtype), weight_q, weight_scale, bias, out_dtype)
-    if m <= FUSED_MAX_M:
-        return triton_linear_fused(xin, weight_q, weight_scale, bias, act_dtype, group_size, out_dtype)
+    if m <= SMALL_M:
+        return _decode_linear(xin, weight_q, weight_scale, bias, act_dtype, group_size, hadamard_block, out_dtype)
     a_q, a_s = quantize_activation(xin, act_dtype)
     return triton_gemm(a_q, a_s, weight_q, weight_scale, bias, out_dtype, group_size)
 

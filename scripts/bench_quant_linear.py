@@ -1,12 +1,18 @@
 """Benchmark (and check) the quantized linear layer on a CUDA GPU against bf16 ``torch.matmul`` in the same run.
 
 Llama-3-8B shapes (K -> N): 4096->6144 (qkv), 4096->4096 (o), 4096->28672 (gate+up), 14336->4096 (down), at
-M = 1, 16, 256, 4096, 16384. Every time includes the activation quantization (and the rotation for +had128).
+M = 1, 16, 256, 4096, 16384. At M <= 16 `triton` is quant_linear's routed decode path (quant_linear.DECODE_ROUTES:
+the decode GEMV of kernels/quant_gemv.py where it was measured faster, else the narrow-tile GEMM), timed next to
+the narrow-tile GEMM alone (`old`: fused GEMM / activation kernel + narrow-tile GEMM) and GEMV variants with
+gemv_config's tiles (scale inside at M = 16, no programmatic dependent launch); `--gemv-sweep` times the GEMV's
+tiles instead (scripts/bench_quant_gemv.py). Every time includes the activation quantization (and the rotation for
++had128).
 First the ceilings (bf16 / int8 / fp8 GEMM at 8192^3, device copy bandwidth), then every path is checked against the
 fp32 reference at K=4096, N=6144 (a failure prints its traceback), then timed. About 4-5 minutes on an H200, most of
 it compiling and autotuning the Triton kernels.
 
     python scripts/bench_quant_linear.py --out results.md [--quick]
+    python scripts/bench_quant_linear.py --gemv-sweep --out gemv_sweep.md   # the decode GEMV's tiles, about 2 minutes
 """
 
 from __future__ import annotations
@@ -42,31 +48,53 @@ def make_weights(w: torch.Tensor) -> dict:
     from compressor.kernels import quant_reference as ref
 
     q4, s4 = ref.quantize_weight_int4_groups(w, GROUP)
+    q64, s64 = ref.quantize_weight_int4_groups(w, 64)
     return {"bf16": (w, None, 0, None), "int8": (*ref.quantize_weight_per_channel(w, "int8"), 0, "int8"),
-            "fp8": (*ref.quantize_weight_per_channel(w, "fp8"), 0, "fp8"), "w4a8": (ref.pack_int4(q4), s4, GROUP, "int8")}
+            "fp8": (*ref.quantize_weight_per_channel(w, "fp8"), 0, "fp8"), "w4a8": (ref.pack_int4(q4), s4, GROUP, "int8"),
+            "w4a8g64": (ref.pack_int4(q64), s64, 64, "int8")}
 
 
 def paths() -> list[Path]:
     from compressor.kernels.quant_activation import quantize_activation
-    from compressor.kernels.quant_linear import FUSED_MAX_M, SMALL_M, quant_linear, triton_linear_fused
+    from compressor.kernels.quant_gemv import quant_gemv
+    from compressor.kernels.quant_linear import (
+        FUSED_MAX_M, GEMV_INLINE_SCALE_MAX_M, SMALL_M, quant_linear, triton_gemm, triton_linear_fused,
+    )
 
     def layer(backend: str, hadamard: int = 0):
         return lambda x, p, od: quant_linear(x, p[0], p[1], None, p[3], p[2], hadamard, od, backend)
 
-    def fused(x, p, od):
-        return triton_linear_fused(x, p[0], p[1], None, p[3], p[2], od)
+    def old_decode(x, p, od):  # the decode path before quant_gemv: fused GEMM up to 4 tokens, else two launches
+        if x.shape[0] <= FUSED_MAX_M:
+            return triton_linear_fused(x, p[0], p[1], None, p[3], p[2], od)
+        return triton_gemm(*quantize_activation(x, p[3]), p[0], p[1], None, od, p[2])
 
-    decode_not_fused = lambda m: FUSED_MAX_M < m <= SMALL_M  # noqa: E731
+    def gemv(inline: bool, pdl: bool | None = None):
+        """The decode GEMV on float x (scale inside) or on codes from the activation kernel."""
+        def run(x, p, od):
+            if inline:
+                return quant_gemv(x, p[0], p[1], None, p[3], p[2], od, pdl=pdl)
+            a_q, a_s = quantize_activation(x, p[3])
+            return quant_gemv(a_q, p[0], p[1], None, p[3], p[2], od, x_scale=a_s, pdl=pdl)
+        return run
+
+    decode = lambda m: m <= SMALL_M  # noqa: E731
+    decode_two_launch = lambda m: GEMV_INLINE_SCALE_MAX_M < m <= SMALL_M  # noqa: E731
     return [
         Path("bf16", "bf16", lambda x, p, od: (x @ p[0].t()).to(od)),
+        Path("int8 old decode", "int8", old_decode, decode),
+        Path("fp8 old decode", "fp8", old_decode, decode),
+        Path("w4a8 old decode", "w4a8", old_decode, decode),
+        Path("w4a8g64 triton", "w4a8g64", layer("triton"), decode),
+        Path("int8 gemv scale inside", "int8", gemv(True), decode_two_launch),
+        Path("w4a8 gemv scale inside", "w4a8", gemv(True), decode_two_launch),
+        Path("int8 gemv no-pdl", "int8", lambda x, p, od: gemv(x.shape[0] <= GEMV_INLINE_SCALE_MAX_M, False)(x, p, od), decode),
+        Path("w4a8 gemv no-pdl", "w4a8", lambda x, p, od: gemv(x.shape[0] <= GEMV_INLINE_SCALE_MAX_M, False)(x, p, od), decode),
         Path("int8 triton", "int8", layer("triton")),
-        Path("int8 triton fused", "int8", fused, decode_not_fused),
         Path("int8 _int_mm", "int8", layer("torch"), lambda m: m > SMALL_M),
         Path("fp8 triton", "fp8", layer("triton")),
-        Path("fp8 triton fused", "fp8", fused, decode_not_fused),
         Path("fp8 _scaled_mm", "fp8", layer("torch")),
         Path("w4a8 triton", "w4a8", layer("triton")),
-        Path("w4a8 triton fused", "w4a8", fused, decode_not_fused),
         Path("int8+had128 triton", "int8", layer("triton", HADAMARD)),
         Path("act quant int8", "int8", lambda x, p, od: quantize_activation(x, "int8")),
         Path("act quant+had128", "int8", lambda x, p, od: quantize_activation(x, "int8", hadamard_block=HADAMARD)),
@@ -79,7 +107,7 @@ def bench(fn: Callable, rep: int = 30) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
 
 
-def bench_graph(run: Callable, x: torch.Tensor, weight_sets: list) -> float:
+def bench_graph(run: Callable, x: torch.Tensor, weight_sets: list, rep: int = 40) -> float:
     """Per-call ms of ``run`` on decode-sized inputs, replayed from a CUDA graph of one call per weight copy (as a
     decode step runs under graphs): no Python launch cost, and the copies together overflow L2 so weights come from
     HBM. Eager timing of such small calls measures the host (Triton's launcher costs ~20-40 µs per call)."""
@@ -99,7 +127,7 @@ def bench_graph(run: Callable, x: torch.Tensor, weight_sets: list) -> float:
             run(x, w)
     graph.replay()
     torch.cuda.synchronize()
-    return triton.testing.do_bench(graph.replay, warmup=5, rep=40, return_mode="median") / len(weight_sets)
+    return triton.testing.do_bench(graph.replay, warmup=5, rep=rep, return_mode="median") / len(weight_sets)
 
 
 GRAPH_COPIES = 8
@@ -144,7 +172,8 @@ def check(path: Path, weights: dict, x: torch.Tensor) -> str:
 
 
 def weight_bytes(precision: str, n: int, k: int) -> int:
-    return {"bf16": 2 * n * k, "int8": n * k, "fp8": n * k, "w4a8": n * k // 2 + n * (k // GROUP) * 4}[precision]
+    return {"bf16": 2 * n * k, "int8": n * k, "fp8": n * k, "w4a8": n * k // 2 + n * (k // GROUP) * 4,
+            "w4a8g64": n * k // 2 + n * (k // 64) * 4}[precision]
 
 
 def autotuned_configs() -> list[str]:
@@ -160,9 +189,18 @@ def autotuned_configs() -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="quant_linear_h200.md", help="markdown file to write the results to")
+    parser.add_argument("--out", default=None,
+                        help="markdown file to write the results to (quant_linear_h200.md, or gemv_sweep.md)")
     parser.add_argument("--quick", action="store_true", help="M = 1, 16, 4096 on two shapes")
+    parser.add_argument("--gemv-sweep", action="store_true",
+                        help="instead: the decode GEMV over a grid of tiles at M = 1, 16 (scripts/bench_quant_gemv.py)")
     args = parser.parse_args()
+    if args.gemv_sweep:
+        import bench_quant_gemv  # beside this script
+
+        bench_quant_gemv.sweep(args.out or "gemv_sweep.md")
+        return
+    args.out = args.out or "quant_linear_h200.md"
     import triton
 
     torch.manual_seed(0)

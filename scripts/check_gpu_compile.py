@@ -216,10 +216,54 @@ def check_quant_linear():
         ql.triton_gemm(a_q, a_s, pack_int4(q4), s4, None, torch.bfloat16, group_size=128)
         wq8, ws8 = quantize_weight_per_channel(w, "fp8")
         ql.triton_gemm(a_q.to(torch.float8_e4m3fn), a_s, wq8, ws8, torch.zeros(384).to(torch.bfloat16), torch.bfloat16)
+        if m <= 16:  # the decode GEMV: float x (scale inside) and codes, split-K and not, int4 groups of 128 and 64
+            check_quant_gemv(x, a_q, a_s, w, wq, ws, wq8, ws8)
+
+
+def check_quant_gemv(x, a_q, a_s, w, wq, ws, wq8, ws8):
+    from compressor.kernels.quant_gemv import gemv_config, quant_gemv
+    from compressor.kernels.quant_reference import pack_int4, quantize_weight_int4_groups
+
+    m, k = x.shape
+    bias = torch.zeros(w.shape[0]).to(torch.bfloat16)
+    for group in (128, 64):
+        q4, s4 = quantize_weight_int4_groups(w, group)
+        quant_gemv(x, pack_int4(q4), s4, None, "int8", group, torch.bfloat16)
+        quant_gemv(a_q, pack_int4(q4), s4, bias, "int8", group, torch.bfloat16, x_scale=a_s)
+    quant_gemv(x, wq, ws, bias, "int8", 0, torch.bfloat16)
+    quant_gemv(a_q, wq, ws, None, "int8", 0, torch.bfloat16, x_scale=a_s)
+    quant_gemv(x, wq8, ws8, None, "fp8", 0, torch.bfloat16)
+    quant_gemv(a_q.to(torch.float8_e4m3fn), wq8, ws8, bias, "fp8", 0, torch.bfloat16, x_scale=a_s)
+    one_split = {**gemv_config(m, 4096, k, 0), "SPLIT_K": 1}
+    quant_gemv(x, wq, ws, None, "int8", 0, torch.bfloat16, config=one_split, pdl=False)
+
+
+def check_quant_gemv_sweep():
+    """Every tile config of the decode GEMV sweep (scripts/bench_quant_gemv.py) as it launches them: M = 1 with the
+    scale inside and on codes, M = 16 on codes, split-K and not (--quick: the first and last tiles, split only)."""
+    import bench_quant_gemv as sweep  # beside this script
+
+    from compressor.kernels.quant_gemv import quant_gemv
+    from compressor.kernels.quant_reference import pack_int4, quantize_weight_int4_groups, quantize_weight_per_channel
+
+    g = torch.Generator().manual_seed(0)
+    k, n = 2048, 256  # two K steps per split even at BLOCK_K = 1024
+    w = torch.randn(n, k, generator=g)
+    q4, s4 = quantize_weight_int4_groups(w, sweep.GROUP)
+    x1 = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    for weights, tiles in ((quantize_weight_per_channel(w, "int8") + (0,), sweep.W8_TILES),
+                           ((pack_int4(q4), s4, sweep.GROUP), sweep.W4_TILES)):
+        for bn, bk, warps, stages in tiles[:1] + tiles[-1:] if QUICK else tiles:
+            for split in (2,) if QUICK else (1, 2):
+                cfg = dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
+                quant_gemv(x1, *weights[:2], None, "int8", weights[2], torch.bfloat16, config=cfg)
+                for m in (16,) if QUICK else (1, 16):
+                    quant_gemv(torch.zeros(m, k, dtype=torch.int8), *weights[:2], None, "int8", weights[2],
+                               torch.bfloat16, x_scale=torch.ones(m), config=cfg)
 
 
 CHECKS = {"sparse": check_sparse, "sage": check_sage, "xattention": check_xattention, "decode": check_decode,
-          "quant_linear": check_quant_linear}
+          "quant_linear": check_quant_linear, "quant_gemv_sweep": check_quant_gemv_sweep}
 
 
 def main(argv=None) -> int:

@@ -173,8 +173,10 @@ def choose_smoothing(
     ``head_groups = (group, head_dim)`` ties scales across query heads that share a value head (folding into v_proj).
     Returns ``(alpha or None, scales or None, error per candidate)``.
     """
+    device = weights[0].device  # calibration rows may be kept on the CPU while the model runs on a GPU
+    x = x.to(device)
     w_amax = torch.stack([w.float().abs().amax(dim=0) for w in weights]).amax(dim=0)
-    a_amax = act_amax.float()
+    a_amax = act_amax.float().to(device)
     if head_groups is not None:
         g, d = head_groups
         tie = lambda v: v.reshape(-1, g, d).amax(dim=1, keepdim=True).expand(-1, g, d).reshape(-1)  # noqa: E731

@@ -1,0 +1,258 @@
+"""Decode-sized (M <= 16 tokens) quantized linear layer: one bandwidth-shaped GEMV launch (Triton).
+
+Spec: ``quant_reference.quant_linear_reference`` (same codes, same int32 / fp32 sums as ``quant_triton``). At M <= 16
+the layer is a weight stream: 4096 x 4096 int8 is 16 MiB, ~4.5 µs at the H200's bandwidth, while a kernel launch in
+a CUDA graph costs 1-3 µs. So the kernel is shaped to keep bytes in flight and launches once:
+- programs = N tiles x K splits, sized to a few per SM; each streams a ``[BLOCK_N, K / SPLIT_K]`` slab of ``W: [N, K]``
+  in wide contiguous K steps (16-byte loads, Triton's pipeliner keeps ``num_stages`` of them in flight);
+- the step-0 weight tile is loaded before anything that depends on the previous kernel (the grid-dependency wait,
+  with programmatic dependent launch on sm_90), so the stream starts while the previous kernel drains;
+- the per-token scale is computed by every program from float x (``A_FLOAT``: a few KiB per token, read from L2),
+  so no separate activation launch; or x arrives as codes + scales from ``quantize_activation`` (M > ~4, where
+  re-reading x in every program costs more than a launch);
+- split-K partials (int32 for int8, exact; fp32 otherwise) go to a workspace; the last program of an N tile to
+  arrive (an atomic counter) sums them in split order and runs the epilogue: deterministic, no second launch;
+- int4 (packed 8 per int32, group scales): one group per K step, bytes unpacked with shifts in registers, the
+  group's int32 sum scaled once in fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from compressor.kernels.quant_reference import FP8_MAX, INT8_MAX
+from compressor.kernels.quant_triton import _codes, _int4_tile, _row_scale
+from compressor.kernels.triton_support import interpreting, next_pow2
+
+BLOCK_M = 16  # the MMA's rows: tokens beyond M wrap onto real rows (their results are never stored)
+
+
+@triton.jit
+def _token_scales(x_ptr, rows, K, stride_xm, BLOCK_M: tl.constexpr, ONE_ROW: tl.constexpr, CHUNK: tl.constexpr,
+                  QMAX: tl.constexpr):
+    """Per-token scale ``amax / qmax`` of whole rows of float x ``[BLOCK_M]``; ONE_ROW (M = 1) reads the row once."""
+    offs = tl.arange(0, CHUNK)
+    if ONE_ROW:
+        amax1 = tl.zeros((CHUNK,), dtype=tl.float32)
+        for k0 in range(0, K, CHUNK):
+            x = tl.load(x_ptr + k0 + offs, mask=k0 + offs < K, other=0.0)
+            amax1 = tl.maximum(amax1, tl.abs(x.to(tl.float32)))
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.max(amax1, axis=0)
+    else:
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, CHUNK):
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + k0 + offs[None, :], mask=k0 + offs[None, :] < K, other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+    return _row_scale(amax, QMAX)
+
+
+@triton.jit
+def _act_step(x_ptr, rows, k0, K, stride_xm, a_scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+              MASK_K: tl.constexpr, A_FLOAT: tl.constexpr, ONE_ROW: tl.constexpr, IS_FP8: tl.constexpr,
+              QMAX: tl.constexpr):
+    """Activation codes ``[BLOCK_M, BLOCK_K]`` at k0: loaded, or (A_FLOAT) quantized here from float x; with ONE_ROW
+    the single token is quantized once and broadcast to the MMA's rows."""
+    offs = k0 + tl.arange(0, BLOCK_K)
+    if ONE_ROW:
+        x = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+        q = _codes(x, tl.max(a_scale, axis=0), IS_FP8, QMAX)  # every row holds the same scale
+        a = tl.broadcast_to(q[None, :], (BLOCK_M, BLOCK_K))
+    else:
+        ptrs = x_ptr + rows[:, None] * stride_xm + offs[None, :]
+        if MASK_K:
+            a = tl.load(ptrs, mask=offs[None, :] < K, other=0.0)
+        else:
+            a = tl.load(ptrs)
+        if A_FLOAT:
+            a = _codes(a.to(tl.float32), a_scale[:, None], IS_FP8, QMAX)
+    return a
+
+
+@triton.jit
+def _weight_step(w_ptr, cols, k0, K, stride_wn, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr, W_INT4: tl.constexpr):
+    """The weight operand ``[BLOCK_K, BLOCK_N]`` int8 / fp8 at k0 (int4: group k0 / BLOCK_K, unpacked)."""
+    if W_INT4:
+        w = _int4_tile(w_ptr, cols, k0 // BLOCK_K, stride_wn, BLOCK_K)
+    else:
+        offs = k0 + tl.arange(0, BLOCK_K)
+        ptrs = w_ptr + cols[None, :] * stride_wn + offs[:, None]
+        if MASK_K:
+            w = tl.load(ptrs, mask=offs[:, None] < K, other=0.0)
+        else:
+            w = tl.load(ptrs)
+    return w
+
+
+@triton.jit
+def _mac(acc, a, w, ws_ptr, cols, k0, stride_wsn, BLOCK_K: tl.constexpr, W_INT4: tl.constexpr,
+         IS_FP8: tl.constexpr):
+    """acc += a @ w: int32 for int8 (exact), fp32 for fp8; int4 adds the group's int32 sum times its fp32 scales."""
+    if W_INT4:
+        gs = tl.load(ws_ptr + cols * stride_wsn + k0 // BLOCK_K)
+        acc += tl.dot(a, w, out_dtype=tl.int32).to(tl.float32) * gs[None, :]
+    elif IS_FP8:
+        acc = tl.dot(a, w, acc)
+    else:
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+    return acc
+
+
+@triton.jit
+def _epilogue(acc, a_scale, ws_ptr, bias_ptr, out_ptr, offs_m, offs_n, cols, M, N, stride_om,
+              W_INT4: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """``out = acc * a_scale[m] (* w_scale[n]) + bias``, rows < M and columns < N only."""
+    y = acc.to(tl.float32)
+    if not W_INT4:
+        y = y * tl.load(ws_ptr + cols)[None, :]
+    y = y * a_scale[:, None]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["steps_per_split", "n_splits"])  # a value of 1 or 16 would otherwise recompile
+def quant_gemv_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
+    M, N, K, stride_xm, stride_wn, stride_wsn, stride_om, steps_per_split, n_splits,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    A_FLOAT: tl.constexpr, ONE_ROW: tl.constexpr, AMAX_CHUNK: tl.constexpr, W_INT4: tl.constexpr,
+    IS_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, QMAX: tl.constexpr, GDC: tl.constexpr,
+):
+    """``out = Q(x) @ W^T * scales + bias`` for ``x: [M <= 16, K]`` (float with A_FLOAT, else codes with scales
+    ``xs: [M]``) and ``W: [N, K]`` int8 / fp8, or packed int4 bytes ``[N, K / 2]`` with group scales
+    ``[N, K / BLOCK_K]``. Program (n tile, split) covers K steps ``[split, split + 1) * steps_per_split``; the split
+    count is a runtime value (one compile serves every split), SPLIT only says whether there is more than one."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m % M  # wrapped: every load stays in bounds without an M mask
+    cols = offs_n % N
+    n_steps = tl.minimum(steps_per_split, tl.cdiv(K, BLOCK_K) - split * steps_per_split)
+    k_first = split * steps_per_split * BLOCK_K
+    # The weights do not depend on the previous kernel: start streaming them before waiting for it.
+    w = _weight_step(w_ptr, cols, k_first, K, stride_wn, BLOCK_K, not EVEN_K, W_INT4)
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+    if A_FLOAT:
+        a_scale = _token_scales(x_ptr, rows, K, stride_xm, BLOCK_M, ONE_ROW, AMAX_CHUNK, QMAX)
+    else:
+        a_scale = tl.load(xs_ptr + rows)
+    if W_INT4 or IS_FP8:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    a = _act_step(x_ptr, rows, k_first, K, stride_xm, a_scale, BLOCK_M, BLOCK_K, not EVEN_K, A_FLOAT, ONE_ROW,
+                  IS_FP8, QMAX)
+    acc = _mac(acc, a, w, ws_ptr, cols, k_first, stride_wsn, BLOCK_K, W_INT4, IS_FP8)
+    for i in range(1, n_steps):
+        k0 = k_first + i * BLOCK_K
+        w = _weight_step(w_ptr, cols, k0, K, stride_wn, BLOCK_K, not EVEN_K, W_INT4)
+        a = _act_step(x_ptr, rows, k0, K, stride_xm, a_scale, BLOCK_M, BLOCK_K, not EVEN_K, A_FLOAT, ONE_ROW,
+                      IS_FP8, QMAX)
+        acc = _mac(acc, a, w, ws_ptr, cols, k0, stride_wsn, BLOCK_K, W_INT4, IS_FP8)
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()  # the next layer may start streaming its weights
+    if not SPLIT:
+        _epilogue(acc, a_scale, ws_ptr, bias_ptr, out_ptr, offs_m, offs_n, cols, M, N, stride_om, W_INT4, HAS_BIAS)
+    else:
+        tile = BLOCK_M * BLOCK_N
+        here = offs_m[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        n_tiles = tl.num_programs(0)
+        tl.store(part_ptr + (split * n_tiles + pid_n) * tile + here, acc)
+        tl.debug_barrier()  # every thread's partial is written before the counter says so (release below)
+        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == n_splits - 1:  # the last split of this tile: sum all partials in split order
+            tl.debug_barrier()
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc.dtype)
+            for s in range(n_splits):
+                total += tl.load(part_ptr + (s * n_tiles + pid_n) * tile + here, cache_modifier=".cg")
+            _epilogue(total, a_scale, ws_ptr, bias_ptr, out_ptr, offs_m, offs_n, cols, M, N, stride_om, W_INT4,
+                      HAS_BIAS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launcher
+
+MAX_SPLIT_K = 8
+INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, num_warps=4, num_stages=2)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def gemv_config(m: int, n: int, k: int, group_size: int, sms: int = 132) -> dict:
+    """Tiles for the decode GEMV. BLOCK_N: narrow for one to four tokens (many programs), wider above, where every N
+    tile re-reads the activation; then K is split until ~1.5 programs per SM are in flight (a split costs a zeroed
+    counter per tile, one small fill)."""
+    if group_size:  # int4: a K step is one group, so steps are small; deep pipelines keep enough bytes in flight
+        block_n, block_k, stages = (32 if m <= 4 else 64), group_size, (6 if group_size >= 128 else 8)
+    else:
+        block_n, block_k, stages = (16 if m <= 4 else 64), 256, 4
+    tiles, steps = -(-n // block_n), -(-k // block_k)
+    split = 1
+    while 2 * tiles * split < 3 * sms and split * 2 <= min(MAX_SPLIT_K, steps):
+        split *= 2
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=stages)
+
+
+def quant_gemv(
+    x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, act_dtype: str,
+    group_size: int, out_dtype: torch.dtype, x_scale: torch.Tensor | None = None, config: dict | None = None,
+    pdl: bool | None = None,
+) -> torch.Tensor:
+    """Decode GEMV ``[M <= 16, K] -> [M, N]``: ``x`` float (quantized per token inside, one launch) or, with
+    ``x_scale: [M]``, int8 / fp8 codes from ``quantize_activation``. ``config``: explicit ``BLOCK_N``, ``BLOCK_K``
+    (int4: the group size), ``SPLIT_K``, ``num_warps``, ``num_stages``; ``pdl``: programmatic dependent launch (None:
+    on sm_90+ outside the interpreter)."""
+    m, k = x.shape
+    if m > BLOCK_M or m < 1:
+        raise ValueError(f"the decode GEMV takes 1..{BLOCK_M} tokens, got {m}: use quant_linear.triton_gemm")
+    n = weight_q.shape[0]
+    int4 = weight_q.dtype == torch.int32
+    x = x if x.stride(1) == 1 else x.contiguous()
+    w = weight_q if weight_q.stride(-1) == 1 else weight_q.contiguous()
+    w = w.view(torch.uint8) if int4 else w  # packed int4 as bytes [N, K / 2]
+    ws = weight_scale.float().contiguous()
+    a_float = x_scale is None
+    if config is None:
+        sms = _sm_count(x.device.index or 0) if x.is_cuda else 132
+        config = INTERPRETER_CONFIG if interpreting() else gemv_config(m, n, k, group_size, sms)
+    tiles = dict(config)
+    launch = dict(num_warps=tiles.pop("num_warps", 4), num_stages=tiles.pop("num_stages", 3))
+    block_n, block_k = tiles["BLOCK_N"], group_size if int4 else tiles["BLOCK_K"]
+    steps = -(-k // block_k)
+    per_split = -(-steps // max(1, min(tiles.get("SPLIT_K", 1), steps)))
+    split = -(-steps // per_split)  # no empty split
+    n_tiles = -(-n // block_n)
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    if split > 1:
+        acc_dtype = torch.float32 if int4 or act_dtype == "fp8" else torch.int32
+        part = torch.empty(split * n_tiles * BLOCK_M * block_n, dtype=acc_dtype, device=x.device)
+        count = torch.zeros(n_tiles, dtype=torch.int32, device=x.device)
+    else:
+        part = count = ws  # unused pointers
+    if pdl is None:
+        pdl = not interpreting() and (not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (9, 0))
+    if pdl:
+        launch["launch_pdl"] = True
+    xs = x_scale.float().contiguous() if x_scale is not None else ws
+    quant_gemv_kernel[(n_tiles, split)](
+        x, xs, w, ws, bias if bias is not None else ws, out, part, count,
+        m, n, k, x.stride(0), w.stride(0), ws.stride(0), out.stride(0), per_split, split,
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split > 1, A_FLOAT=a_float,
+        ONE_ROW=a_float and m == 1, AMAX_CHUNK=min(next_pow2(k), 4096 if m == 1 else 8192 // BLOCK_M),
+        W_INT4=int4, IS_FP8=act_dtype == "fp8", HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
+        QMAX=FP8_MAX if act_dtype == "fp8" else INT8_MAX, GDC=pdl, **launch,
+    )
+    return out
+
+
+__all__ = ["gemv_config", "quant_gemv", "quant_gemv_kernel"]
