@@ -47,22 +47,30 @@ class Compiler:
     def signature(self, fn, args, kwargs):
         bound = dict(zip(fn.arg_names, args))
         bound.update(kwargs)
-        sig, consts = {}, {}
-        for p in fn.params:
+        sig, consts, attrs = {}, {}, {}
+        for i, p in enumerate(fn.params):
             v = bound.get(p.name, p.default)
-            if p.is_constexpr or v is None:
+            # what the launcher specialises on: an int equal to 1 becomes a constant; pointers (a CUDA allocation is
+            # 256-byte aligned) and ints divisible by 16 are marked so, which turns on wide loads and pipelining
+            free = getattr(p, "do_not_specialize", False)
+            aligned = not free and not getattr(p, "do_not_specialize_on_alignment", False)
+            if p.is_constexpr or v is None or (not free and type(v) is int and v == 1):
                 sig[p.name], consts[p.name] = "constexpr", v
             elif isinstance(v, torch.Tensor):
                 sig[p.name] = "*" + _DTYPES[v.dtype]
+                if aligned:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
             elif isinstance(v, bool):
                 sig[p.name] = "i1"
             elif isinstance(v, int):
                 sig[p.name] = "i32" if -(2**31) <= v < 2**31 else "i64"
+                if aligned and v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
             elif isinstance(v, float):
                 sig[p.name] = "fp32"
             else:
                 raise TypeError(f"{fn.__name__}: argument {p.name} of type {type(v).__name__}")
-        return sig, consts
+        return sig, consts, attrs
 
     def compile(self, fn, args, kwargs, num_warps=4, num_stages=3):
         import triton
@@ -71,15 +79,16 @@ class Compiler:
         kwargs = dict(kwargs)
         num_warps = kwargs.pop("num_warps", num_warps)
         num_stages = kwargs.pop("num_stages", num_stages)
-        sig, consts = self.signature(fn, args, kwargs)
-        key = f"{fn.__name__} {sorted(sig.items())} {sorted((k, repr(v)) for k, v in consts.items())} {num_warps} {num_stages}"
+        sig, consts, attrs = self.signature(fn, args, kwargs)
+        key = (f"{fn.__name__} {sorted(sig.items())} {sorted((k, repr(v)) for k, v in consts.items())} {sorted(attrs)} "
+               f"{num_warps} {num_stages}")
         if key in self.seen:
             return
         self.seen.add(key)
         shown = {k: v for k, v in consts.items() if v is not None}
         what = f"{fn.__name__} {shown} warps={num_warps} stages={num_stages}"
         try:
-            src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+            src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
             kernel = triton.compile(src, target=self.target, options={"num_warps": num_warps, "num_stages": num_stages})
             self.compiled += 1
             smem = kernel.metadata.shared
