@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from compressor.kernels.quant_reference import FP8_MAX, INT8_MAX
-from compressor.kernels.quant_triton import _codes, _int4_tile, _row_scale
+from compressor.kernels.quant_triton import _a_tile, _codes, _int4_tile, _row_scale, _w8_tile
 from compressor.kernels.triton_support import interpreting, next_pow2
 
 BLOCK_M = 16  # the MMA's rows: tokens beyond M wrap onto real rows (their results are never stored)
@@ -56,19 +56,13 @@ def _act_step(x_ptr, rows, k0, K, stride_xm, a_scale, BLOCK_M: tl.constexpr, BLO
               QMAX: tl.constexpr):
     """Activation codes ``[BLOCK_M, BLOCK_K]`` at k0: loaded, or (A_FLOAT) quantized here from float x; with ONE_ROW
     the single token is quantized once and broadcast to the MMA's rows."""
-    offs = k0 + tl.arange(0, BLOCK_K)
     if ONE_ROW:
+        offs = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
         q = _codes(x, tl.max(a_scale, axis=0), IS_FP8, QMAX)  # every row holds the same scale
         a = tl.broadcast_to(q[None, :], (BLOCK_M, BLOCK_K))
     else:
-        ptrs = x_ptr + rows[:, None] * stride_xm + offs[None, :]
-        if MASK_K:
-            a = tl.load(ptrs, mask=offs[None, :] < K, other=0.0)
-        else:
-            a = tl.load(ptrs)
-        if A_FLOAT:
-            a = _codes(a.to(tl.float32), a_scale[:, None], IS_FP8, QMAX)
+        a = _a_tile(x_ptr, rows, k0, K, stride_xm, a_scale, BLOCK_K, A_FLOAT, MASK_K, IS_FP8, QMAX)
     return a
 
 
@@ -78,12 +72,7 @@ def _weight_step(w_ptr, cols, k0, K, stride_wn, BLOCK_K: tl.constexpr, MASK_K: t
     if W_INT4:
         w = _int4_tile(w_ptr, cols, k0 // BLOCK_K, stride_wn, BLOCK_K)
     else:
-        offs = k0 + tl.arange(0, BLOCK_K)
-        ptrs = w_ptr + cols[None, :] * stride_wn + offs[:, None]
-        if MASK_K:
-            w = tl.load(ptrs, mask=offs[:, None] < K, other=0.0)
-        else:
-            w = tl.load(ptrs)
+        w = _w8_tile(w_ptr, cols, k0, K, stride_wn, BLOCK_K, MASK_K)
     return w
 
 

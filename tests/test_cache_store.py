@@ -123,6 +123,7 @@ def test_a_captured_store_replays_one_token_per_replay():
     for g, w in zip((keys, values, args["length"], window), want):
         torch.testing.assert_close(g, w, atol=0, rtol=0, equal_nan=True)
 
+
 @pytest.mark.skipif(not TRITON_LOADED_EARLY, reason="the kernel tests above ran in this process")
 def test_kernels_in_a_fresh_process():
     done = subprocess.run(
