@@ -19,6 +19,7 @@ if not ON_GPU:
 import importlib.util  # noqa: E402
 
 from compressor.kernels import sage_attention as sg  # noqa: E402
+from compressor.kernels import sage_quant as sq  # noqa: E402
 from compressor.kernels.reference import sparse_attention_reference  # noqa: E402
 from compressor.methods.sage import SageConfig, attention_errors, choose_variant, variant_errors  # noqa: E402
 
@@ -46,7 +47,7 @@ def test_quantize_dequantize_round_trip(variant):
     quant = sg.quantize_qkv_reference(q, k, v, variant=variant, kv_start=start, kv_end=end, block_m=16, block_n=16)
     qd, kd, vd = quant.dequantize()
 
-    valid = sg._valid_keys(start, end, 2, 37, q.device)
+    valid = sq._valid_keys(start, end, 2, 37, q.device)
     k_smooth = torch.where(valid, k - quant.k_mean[:, :, None], 0.0)
     half_step = lambda s, n: s.repeat_interleave(16, dim=2)[:, :, :n, None] / 2 + 1e-6  # noqa: E731
     assert ((qd - q).abs() <= half_step(quant.q_scale, 37)).all()  # int8 error: at most half a step
@@ -61,7 +62,7 @@ def test_smoothing_k_leaves_attention_unchanged():
     start, end = torch.tensor([0, 4]), torch.tensor([40, 36])
     sink, alpha, beta = torch.tensor([0, 2, 0, 3]), torch.tensor([math.inf, 6.0, 9.0, 2.0]), torch.zeros(4)
     kw = dict(sink=sink, alpha=alpha, beta=beta, kv_start=start, kv_end=end)
-    k_mean, _ = sg.key_stats(k, v, sg._valid_keys(start, end, 2, 40, q.device), pv_fp8=False)
+    k_mean, _ = sq.key_stats(k, v, sq._valid_keys(start, end, 2, 40, q.device), pv_fp8=False)
 
     smoothed = sparse_attention_reference(q, k - k_mean[:, :, None], v, **kw)
 
