@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import inspect
-import subprocess
 import sys
 import time
 import traceback
@@ -42,6 +41,7 @@ from compressor.cache import PlanCache, PlanCacheLayer, head_windows, layer_layo
 from compressor.kernels.cache_store import store_decode_token_reference
 from compressor.kernels.decode_attention import decode_attention, decode_attention_triton, decode_launch
 from compressor.plan import DensePattern, Plan, WindowPattern
+from provenance import git_commit
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 GROUP = Q_HEADS // KV_HEADS
@@ -611,11 +611,8 @@ def versions() -> str:
     import transformers
     import triton
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "?"
-    return f"torch {torch.__version__}, transformers {transformers.__version__}, triton {triton.__version__}, commit {commit or '?'}"
+    commit = git_commit()
+    return f"torch {torch.__version__}, transformers {transformers.__version__}, triton {triton.__version__}, commit {commit}"
 
 
 def main() -> None:

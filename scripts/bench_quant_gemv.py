@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 
 from bench_quant_linear import GRAPH_COPIES, SHAPES, bench_graph, weight_bytes
+from provenance import git_commit
 
 SWEEP_MS = (1, 16)
 GROUP = 128  # int4 group size
@@ -359,14 +360,11 @@ def sweep(out_path: str, budget_s: float = BUDGET_S, workers: int | None = None)
             diagnostics = [r for r in plan[(k, n, m)] if r.kind.startswith("rot+") or r.x_dtype == "fp32"]
             diag_rows += [row(r, times[r]) for r in diagnostics if r in times]
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = git_commit()
     lines = [
         "# Decode GEMV sweep, " + torch.cuda.get_device_name(), "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; commit "
-        f"{commit or 'unknown'} (plus the working tree)",
+        f"{commit} (plus the working tree)",
         f"- torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}; {sms} SMs",
         f"- command: `python {' '.join(sys.argv)}`; ms = per call, replayed from a CUDA graph of {GRAPH_COPIES} calls"
         f" over {GRAPH_COPIES} weight copies (`triton.testing.do_bench` median, {GRID_REP_MS} ms per grid config, "

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from provenance import git_commit
 
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 MS = [1, 16, 256, 4096, 16384]
@@ -259,13 +260,10 @@ def main() -> None:
                              f"{eager[name]:.4f}"))
             print(f"{k}->{n} M={m}: " + ", ".join(f"{a} {b:.4f}ms" for a, b in times.items()), flush=True)
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = git_commit()
     lines = [
         "# Quantized linear layer, " + torch.cuda.get_device_name(), "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; commit {commit or 'unknown'}",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; commit {commit}",
         f"- torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}",
         f"- command: `python {' '.join(sys.argv)}`; times: `triton.testing.do_bench` median (L2 flushed), activation"
         " quantization included; `x bf16` = bf16 time / this time; for M <= 16, `ms` is per call replayed from a CUDA"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 import sys
 
 import torch
@@ -25,6 +24,7 @@ from compressor.kernels import xattention_score
 from compressor.kernels.sparse_attention import sparse_attention
 from compressor.kernels.xattention_score import xattention_scores, xattention_scores_reference
 from compressor.kernels.xattention_select import rank_blocks, select_blocks, select_blocks_reference, visible_blocks
+from provenance import git_commit
 
 Q_HEADS, KV_HEADS, DIM, STRIDE, BLOCK = 32, 8, 128, 8, 128
 
@@ -143,10 +143,7 @@ def main() -> None:
             print(rows[-1], flush=True)
         del q, k, v, scores
         torch.cuda.empty_cache()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "?"
+    commit = git_commit()
     text = "\n".join([
         "# XAttention speed on a Llama-3-8B-shaped layer",
         "",
