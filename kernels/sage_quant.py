@@ -186,6 +186,13 @@ def quantize_qkv_reference(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _int8_block(x):
+    """INT8 codes (as float, rounded half up) and the one symmetric scale of a whole ``[tokens, HEAD_DIM]`` block."""
+    amax = tl.max(tl.max(tl.abs(x), 1), 0)
+    scale = tl.where(amax > 0.0, amax / 127.0, 1.0)
+    return tl.minimum(tl.maximum(tl.math.floor(x / scale + 0.5), -127.0), 127.0), scale
+
+
 def _quantize_q_block(
     Q, Q8, QScale, QMean, stride_qb, stride_qh, stride_qm, pid, q_heads, q_tokens, n_q_blocks,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, QSMOOTH: tl.constexpr,
@@ -205,9 +212,7 @@ def _quantize_q_block(
         mean = tl.sum(x, 0) / count
         tl.store(QMean + pid.to(tl.int64) * HEAD_DIM + offs_d, mean)
         x = tl.where(rows[:, None], x - mean[None, :], 0.0)
-    amax = tl.max(tl.max(tl.abs(x), 1), 0)
-    scale = tl.where(amax > 0.0, amax / 127.0, 1.0)
-    xq = tl.minimum(tl.maximum(tl.math.floor(x / scale + 0.5), -127.0), 127.0)
+    xq, scale = _int8_block(x)
     tl.store(QScale + pid, scale)
     out = Q8 + bh.to(tl.int64) * q_tokens * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(out, xq.to(tl.int8), mask=rows[:, None])
@@ -232,9 +237,7 @@ def _quantize_kv_block(
     x = tl.load(base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     mean = tl.load(KMean + bh.to(tl.int64) * HEAD_DIM + offs_d)
     x = tl.where(valid[:, None], x - mean[None, :], 0.0)
-    amax = tl.max(tl.max(tl.abs(x), 1), 0)
-    scale = tl.where(amax > 0.0, amax / 127.0, 1.0)
-    xq = tl.minimum(tl.maximum(tl.math.floor(x / scale + 0.5), -127.0), 127.0)
+    xq, scale = _int8_block(x)
     tl.store(KScale + job, scale)
     inside = offs_n < kv_tokens
     out = K8 + bh.to(tl.int64) * kv_tokens * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
@@ -277,6 +280,7 @@ def _triton_kernels() -> SimpleNamespace:
 
     module = globals()
     module["tl"] = triton.language
+    module["_int8_block"] = triton.jit(_int8_block)
     module["_quantize_q_block"] = triton.jit(_quantize_q_block)
     module["_quantize_kv_block"] = triton.jit(_quantize_kv_block)
     return SimpleNamespace(quant=triton.jit(_quantize_qkv_kernel), interpret=interpreting())
