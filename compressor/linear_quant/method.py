@@ -22,6 +22,7 @@ from compressor.errors import CompressorError
 from compressor.linear_quant.apply import decoder_layers, select_linears
 from compressor.linear_quant.calibrate import balance_groups, collect_linear_inputs, layer_balance_settings
 from compressor.linear_quant.formats import PRECISIONS, fitting_precision, precision
+from compressor.linear_quant.gptq import ROUNDINGS
 from compressor.linear_quant.sensitivity import choose_precisions, measure_sensitivity
 from compressor.methods.registry import CompressionContext, MethodResult, register_method
 
@@ -68,8 +69,8 @@ class LinearQuantConfig:
             raise ValueError(f"smooth_grid values must lie in [0, 1], got {self.smooth_grid}")
         if not self.clip_grid or not all(0.0 < r <= 1.0 for r in self.clip_grid):
             raise ValueError(f"clip_grid needs ratios in (0, 1], got {self.clip_grid}")
-        if self.rounding not in ("nearest", "gptq"):
-            raise ValueError(f"rounding must be 'nearest' or 'gptq', got {self.rounding!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         if not 0.0 < self.gptq_damp < 1.0:
             raise ValueError(f"gptq_damp must lie in (0, 1), got {self.gptq_damp}")
         if self.gptq_block < 1:
