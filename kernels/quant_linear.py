@@ -15,6 +15,10 @@ Spec: ``quant_reference.quant_linear_reference``. Paths chosen by :func:`quant_l
   group per K step.
 The online Hadamard is a rotation kernel in front of any of these. Inputs the kernels do not take run the
 reference, with a one-time warning naming the reason (``backend="triton"`` raises instead).
+
+Layers that read the same input tensor (q/k/v, gate/up of a decoder layer) can share one activation pass above 16
+tokens: pass the same :class:`ActivationMemo` as ``memo``; the codes are reused while the input is the same tensor
+object at the same version (an in-place write bumps it) with the same activation format and rotation.
 """
 
 from __future__ import annotations
@@ -43,6 +47,33 @@ def _fallback(reason: str) -> None:
     if reason not in _warned:  # once per reason: the per-process record of what was said
         _warned.add(reason)
         warnings.warn(f"quantized linear: {reason}; running the PyTorch reference instead", stacklevel=3)
+
+
+class ActivationMemo:
+    """The per-token codes of the last input quantized through it, for sibling layers reading the same tensor.
+
+    Holds that input (so its identity cannot pass to a new tensor) and its codes until the next different input.
+    """
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self._source: torch.Tensor | None = None
+        self._key: tuple = ()
+        self._codes: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def codes(self, source: torch.Tensor, x2: torch.Tensor, act_dtype: str, hadamard_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``quantize_activation(rotate(x2))`` for ``x2``, a 2-D view of ``source``; reused when seen last."""
+        try:
+            version = source._version
+        except RuntimeError:  # an inference-mode tensor has no version counter: in-place writes are invisible
+            return quantize_activation(hadamard_rotate(x2, hadamard_block) if hadamard_block else x2, act_dtype)
+        key = (version, tuple(source.shape), act_dtype, hadamard_block)
+        if self._codes is None or self._source is not source or self._key != key:
+            xin = hadamard_rotate(x2, hadamard_block) if hadamard_block else x2
+            self._source, self._key, self._codes = source, key, quantize_activation(xin, act_dtype)
+        return self._codes
 
 
 @dataclass(frozen=True)
@@ -245,28 +276,32 @@ def _decode_linear(
 
 def _fast_linear(
     x2: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, act_dtype: str,
-    group_size: int, hadamard_block: int, out_dtype: torch.dtype, backend: str,
+    group_size: int, hadamard_block: int, out_dtype: torch.dtype, backend: str, codes=None,
 ) -> torch.Tensor:
+    """``codes``: ``x2 -> (a_q, a_s)`` (rotation included) when a memo is shared, else one activation pass here."""
     m = x2.shape[0]
     int4 = weight_q.dtype == torch.int32
-    xin = hadamard_rotate(x2, hadamard_block) if hadamard_block else x2
+    if codes is None:
+        def codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return quantize_activation(hadamard_rotate(x, hadamard_block) if hadamard_block else x, act_dtype)
     if not int4 and (backend == "torch" or (backend == "auto" and act_dtype == "fp8" and m > SMALL_M)):
-        return torch_gemm(*quantize_activation(xin, act_dtype), weight_q, weight_scale, bias, out_dtype)
+        return torch_gemm(*codes(x2), weight_q, weight_scale, bias, out_dtype)
     if m <= SMALL_M:
+        xin = hadamard_rotate(x2, hadamard_block) if hadamard_block else x2
         return _decode_linear(xin, weight_q, weight_scale, bias, act_dtype, group_size, hadamard_block, out_dtype)
-    a_q, a_s = quantize_activation(xin, act_dtype)
-    return triton_gemm(a_q, a_s, weight_q, weight_scale, bias, out_dtype, group_size)
+    return triton_gemm(*codes(x2), weight_q, weight_scale, bias, out_dtype, group_size)
 
 
 def quant_linear(
     x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
     act_dtype: str = "int8", group_size: int = 0, hadamard_block: int = 0, out_dtype: torch.dtype | None = None,
-    backend: str = "auto",
+    backend: str = "auto", memo: ActivationMemo | None = None,
 ) -> torch.Tensor:
     """``y = Q(rotate(x)) @ W^T + bias`` for ``x: [..., K]``; fast kernels on CUDA, the reference elsewhere.
 
     ``backend``: ``auto`` (the faster measured path per case; falls back to the reference with a warning if a kernel
     fails), ``triton`` or ``torch`` (cuBLAS for the 8-bit GEMM); these two raise instead of falling back.
+    ``memo``: shared with the layers that read the same ``x`` (above 16 tokens; module docstring).
     """
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
@@ -284,7 +319,11 @@ def quant_linear(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     try:
-        y = _fast_linear(x2, weight_q, weight_scale, bias, act_dtype, group_size, hadamard_block, out_dtype, backend)
+        codes = None
+        if memo is not None and x2.shape[0] > SMALL_M:
+            codes = lambda xin: memo.codes(x, x2, act_dtype, hadamard_block)  # noqa: E731
+        y = _fast_linear(x2, weight_q, weight_scale, bias, act_dtype, group_size, hadamard_block, out_dtype, backend,
+                         codes)
     except Exception as err:  # a Triton build that rejects a kernel: keep the model running, say why once
         if backend != "auto":
             raise

@@ -370,8 +370,10 @@ def filled_static_cache(model, batch: int, n: int, extra: int):
     """transformers' StaticCache (in-place updates, CUDA-graph friendly) holding ``n`` tokens, room for ``extra``."""
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=n + extra)
-    empty = torch.zeros(batch, KV_HEADS, 0, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    cache = StaticCache(config=config, max_cache_len=n + extra)
+    empty = torch.zeros(batch, config.num_key_value_heads, 0, head_dim, device=DEVICE, dtype=torch.bfloat16)
     for layer in cache.layers:
         layer.lazy_initialization(empty, empty)
         layer.cumulative_length.fill_(n)

@@ -58,15 +58,21 @@ def moa_like_plan(model, density: float, length: int, seed: int = 0) -> Plan:
     return build(lo)
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_prefill(model, ids: torch.Tensor, reps: int) -> float:
+    """Median ms of ``reps`` cache-free forwards (one warm-up first); on the CPU too (for smoke runs)."""
     with torch.no_grad():
         model(ids, logits_to_keep=1, use_cache=False)
-        torch.cuda.synchronize()
+        sync(ids.device)
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
             model(ids, logits_to_keep=1, use_cache=False)
-            torch.cuda.synchronize()
+            sync(ids.device)
             times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times)
 

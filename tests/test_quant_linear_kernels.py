@@ -270,3 +270,44 @@ def test_quant_linear_rejects_an_unknown_backend():
     q, s = ref.quantize_weight_per_channel(torch.randn(16, 64))
     with pytest.raises(ValueError, match="backend must be"):
         quant_linear(torch.randn(3, 64), q, s, backend="cublas")
+
+
+@pytest.mark.parametrize("kind,group,hadamard", [("int8", 0, 0), ("int4", 64, 0), ("int8", 0, 64)])
+def test_sibling_layers_share_one_activation_pass(monkeypatch, kind, group, hadamard):
+    """Layers reading the same input (q/k/v) quantize it once through a shared memo, with each result still the
+    reference's; a new tensor or an in-place write to the input quantizes again."""
+    from compressor.kernels import quant_linear as ql
+
+    monkeypatch.setattr(ql, "unsupported_reason", lambda *a: None)  # the CUDA gate: run the kernels on CPU tensors
+    passes = []
+    real = ql.quantize_activation
+    monkeypatch.setattr(ql, "quantize_activation", lambda *a, **k: passes.append(1) or real(*a, **k))
+    memo = ql.ActivationMemo()
+    x = torch.randn(2, 19, K)  # 38 tokens: the prefill path (> 16)
+    layers = [weights(kind, n, group=group, seed=i) for i, n in enumerate((67, 32, 32))]
+    for wq, s, g, act in layers:
+        out = ql.quant_linear(x, wq, s, None, act, g, hadamard, torch.float32, memo=memo)
+        assert_matches_reference(out.reshape(-1, wq.shape[0]), x.reshape(-1, K), wq, s, None, act, g, hadamard)
+    assert len(passes) == 1
+    x.mul_(-0.5)  # in place: the same object, a new version
+    wq, s, g, act = layers[0]
+    out = ql.quant_linear(x, wq, s, None, act, g, hadamard, torch.float32, memo=memo)
+    assert_matches_reference(out.reshape(-1, wq.shape[0]), x.reshape(-1, K), wq, s, None, act, g, hadamard)
+    y = x.clone()
+    ql.quant_linear(y, wq, s, None, act, g, hadamard, torch.float32, memo=memo)
+    assert len(passes) == 3
+
+
+def test_activation_memo_is_skipped_at_decode_sizes_and_for_inference_tensors(monkeypatch):
+    from compressor.kernels import quant_linear as ql
+
+    monkeypatch.setattr(ql, "unsupported_reason", lambda *a: None)
+    memo = ql.ActivationMemo()
+    wq, s, g, act = weights("int8")
+    ql.quant_linear(torch.randn(3, K), wq, s, None, act, g, 0, torch.float32, memo=memo)  # decode: no memo
+    assert memo._codes is None
+    with torch.inference_mode():
+        x = torch.randn(40, K)
+        out = ql.quant_linear(x, wq, s, None, act, g, 0, torch.float32, memo=memo)
+    assert memo._codes is None
+    assert_matches_reference(out, x, wq, s, None, act, g)

@@ -15,11 +15,26 @@ from compressor.kernels import quant_reference as ref
 from compressor.linear_quant.formats import Precision, precision
 
 
+# One memo for every QuantLinear: sibling layers called one after the other on the same input tensor (q/k/v,
+# gate/up) quantize it once (compressor.kernels.quant_linear.ActivationMemo; CUDA, above 16 tokens).
+_SHARED_CODES = None
+
+
+def _shared_codes():
+    global _SHARED_CODES
+    if _SHARED_CODES is None:
+        from compressor.kernels.quant_linear import ActivationMemo
+
+        _SHARED_CODES = ActivationMemo()
+    return _SHARED_CODES
+
+
 class QuantLinear(nn.Module):
     """A linear layer with quantized weights and dynamic per-token activation quantization.
 
     ``hadamard_block`` > 0 rotates the input online (block-diagonal Hadamard; the weight is stored rotated);
     ``input_scale`` (``[in]``, optional) multiplies the input first: a smoothing scale that could not be folded.
+    On CUDA, layers reading the same input tensor share its activation codes (``_SHARED_CODES``).
     """
 
     def __init__(
@@ -130,9 +145,10 @@ class QuantLinear(nn.Module):
         if x2.is_cuda:
             from compressor.kernels import quant_linear as fast
 
+            shared = self.input_scale is None  # x itself is what gets quantized: siblings may share its codes
             y = fast.quant_linear(
-                x2, self.quantized_weight(), self.scales(), self.bias, act_dtype=p.act, group_size=p.group_size,
-                hadamard_block=self.hadamard_block,
+                x if shared else x2, self.quantized_weight(), self.scales(), self.bias, act_dtype=p.act,
+                group_size=p.group_size, hadamard_block=self.hadamard_block, memo=_shared_codes() if shared else None,
             )
         else:
             y = ref.quant_linear_reference(
