@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="2 windows, 4 samples at 1024 (a smoke run)")
     parser.add_argument("--out", default="scripts/results/quant_smollm2_cpu.md")
+    parser.add_argument("--cal-samples", type=int, default=CALIBRATION["samples"], help="calibration windows of 512 tokens")
     parser.add_argument("--only", default="", help="comma-separated variant names to run (dense always runs)")
     parser.add_argument("--list", action="store_true", help="print the variant names and exit")
     args = parser.parse_args()
@@ -101,7 +102,7 @@ def main() -> None:
     device = next(model.parameters()).device
     protocol = (f"perplexity: held-out corpus, {args.ppl_windows} windows of {args.ppl_length} tokens; retrieval: "
                 f"{args.retrieval_samples} held-out samples per task at {', '.join(map(str, lengths)) or '-'} tokens "
-                f"(teacher-forced exact answer); calibration: 4 corpus windows of 512 tokens; device {device.type}, "
+                f"(teacher-forced exact answer); calibration: {args.cal_samples} corpus windows of 512 tokens; device {device.type}, "
                 f"{dtype}")
     before = open(args.out).read() if os.path.exists(args.out) else ""  # the file as this run found it
     rows, ctx = [], None
@@ -109,7 +110,7 @@ def main() -> None:
         t0 = time.perf_counter()
         net, bits = model, 16.0
         if linear is not None:
-            recipe = parse_recipe({"name": name, "calibration": CALIBRATION, "linear": {"method": "vidit-q", **linear}})
+            recipe = parse_recipe({"name": name, "calibration": {**CALIBRATION, "samples": args.cal_samples}, "linear": {"method": "vidit-q", **linear}})
             ctx = CompressionContext(model=model, tokenizer=tokenizer, recipe=recipe, device=device,
                                      cache=ctx.cache if ctx else {})
             result: MethodResult = METHODS[("linear", "vidit-q")].run(ctx, recipe.linear)
