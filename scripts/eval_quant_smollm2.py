@@ -127,14 +127,20 @@ def main() -> None:
         del net
 
 
-def read_results(before: str) -> tuple[list[str], dict[str, str], list[str]]:
-    """(header notes, table rows by variant name, the verbatim ``## Earlier runs`` section) of a results file's text."""
+def read_results(before: str) -> tuple[list[str], dict[str, str], list[str], list[str]]:
+    """(header notes, rows of the results table by variant name, the hand-written lines after that table, the verbatim
+    ``## Earlier runs`` section) of a results file's text."""
     text = before.splitlines()
     cut = text.index(EARLIER) if EARLIER in text else len(text)
     head, earlier = text[:cut], text[cut:]
-    rows = [line for line in head if line.startswith("| ") and not line.startswith("| variant")]
-    notes = [line for line in head if line.startswith("- ")]
-    return notes, {line.split("|")[1].strip().removesuffix(" *"): line for line in rows}, earlier
+    start = next((i for i, line in enumerate(head) if line.startswith("| variant")), len(head))
+    end = next((i for i in range(start, len(head)) if not head[i].startswith("|")), len(head))
+    rows = [line for line in head[start + 2 : end]]
+    notes = [line for line in head[:start] if line.startswith("- ")]
+    tail = head[end:]
+    while tail and not tail[-1].strip():
+        tail.pop()
+    return notes, {line.split("|")[1].strip().removesuffix(" *"): line for line in rows}, tail, earlier
 
 
 def write_table(
@@ -147,13 +153,13 @@ def write_table(
     from compressor.pipeline import software_versions
 
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    notes, kept, earlier = read_results(before)
+    notes, kept, tail, earlier = read_results(before)
     same = any(n == f"- {protocol}" for n in notes)
     if not same and (notes or kept):  # another protocol: the old table moves under "Earlier runs"
         old = before.splitlines()
         cut = old.index(EARLIER) if EARLIER in old else len(old)
         earlier = [EARLIER, "", f"### {old[0].lstrip('# ')} (another protocol)", ""] + old[1:cut] + [""] + earlier[1:]
-        notes, kept = [], {}
+        notes, kept, tail = [], {}, []
     if device.type == "cuda":
         machine = f"{torch.cuda.get_device_name(device)}, torch threads {torch.get_num_threads()}"
     else:
@@ -183,6 +189,8 @@ def write_table(
     }
     order = list(kept) + [n for n in fresh if n not in kept]
     lines_md += [fresh.get(n, kept.get(n, "")) for n in order]
+    if tail:  # what was written by hand below the table (notes, targets) stays
+        lines_md += tail
     if earlier:
         lines_md += [""] + earlier
     with open(out, "w") as f:
