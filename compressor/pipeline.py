@@ -99,6 +99,7 @@ def compress(
         t0 = time.perf_counter()
         results[section] = spec.run(ctx, config)
         timings[f"{section}:{spec.name}"] = round(time.perf_counter() - t0, 2)
+        log(f"{section}: {spec.name} took {timings[f'{section}:{spec.name}']:.1f}s")
     cal = parsed.calibration
     provenance = {
         "model_spec": source.name,
@@ -113,11 +114,16 @@ def compress(
         plan.model.name_or_path = f"{source.name} ({source.gguf_file})"
     if output is None:
         return plan, None
+    t0 = time.perf_counter()
     out = save_compressed(net, tokenizer, plan, output, overwrite)
+    stages = dict(timings, save=round(time.perf_counter() - t0, 2))  # save applies the plan (GPTQ rounding runs here)
     if report:
         from compressor.report import write_report
 
+        t0 = time.perf_counter()
         write_report(out)
+        stages["report"] = round(time.perf_counter() - t0, 2)
+    log("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in stages.items()))
     log(f"wrote {out} in {time.perf_counter() - started:.1f}s; density " +
         ", ".join(f"{n}: {d:.1%}" for n, d in plan.predicted["density"].items()))
     return plan, out
