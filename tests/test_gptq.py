@@ -12,7 +12,7 @@ from compressor.kernels import quant_reference as ref
 from compressor.linear_quant import apply_linear_plan
 from compressor.linear_quant.formats import precision
 from compressor.linear_quant.gptq import gptq_quantize
-from tests.test_linear_quant import IDS, tiny_llama, uniform_plan
+from tests.test_linear_quant import IDS, NAMES, tiny_llama, uniform_plan
 
 
 def correlated_inputs(rows: int = 512, features: int = 128, seed: int = 0) -> torch.Tensor:
@@ -109,3 +109,32 @@ def test_gptq_plan_round_trips_through_json_and_applies_the_same():
     a = apply_linear_plan(copy.deepcopy(model), plan)
     b = apply_linear_plan(copy.deepcopy(model), again)
     assert torch.equal(a.model.layers[1].mlp.down_proj.weight.float(), b.model.layers[1].mlp.down_proj.weight.float())
+
+
+def test_gptq_layers_fed_the_same_input_share_one_hessian(monkeypatch):
+    """q/k/v (and gate/up) read one tensor: its X^T X is accumulated once per sample and layer, and the codes are
+    those of separate accumulators (same Hessian)."""
+    from compressor.linear_quant import gptq
+
+    model = tiny_llama()
+    plan = uniform_plan(model, "w8a8-int8")
+    for layer in plan.layers:
+        for s in layer.linear.values():
+            s["rounding"] = "gptq"
+    plan.linear = {"gptq": {"damp": 0.01, "block": 128, "act_order": True, "ids": IDS.tolist()}}
+    adds, hessians = [], []
+    real_add = gptq.HessianAccumulator.add
+    monkeypatch.setattr(gptq.HessianAccumulator, "add", lambda self, x: adds.append(id(self)) or real_add(self, x))
+    import compressor.linear_quant.apply as apply_mod  # apply_gptq_layers imports apply_layer_settings from here
+
+    real_settings = apply_mod.apply_layer_settings
+    monkeypatch.setattr(apply_mod, "apply_layer_settings",
+                        lambda layer, settings, h=None, o=None: hessians.append(h) or real_settings(layer, settings, h, o))
+    apply_linear_plan(copy.deepcopy(model), plan)
+    layers, samples = len(plan.layers), IDS.shape[0]
+    assert len(adds) == layers * samples * 4  # qkv, o, gate/up, down
+    assert len(hessians) == layers
+    for h in hessians:
+        assert set(h) == set(NAMES)
+        assert torch.equal(h["self_attn.q_proj"], h["self_attn.v_proj"]) and torch.equal(h["mlp.gate_proj"], h["mlp.up_proj"])
+        assert h["self_attn.o_proj"].shape == h["self_attn.q_proj"].shape and not torch.equal(h["self_attn.q_proj"], h["self_attn.o_proj"])

@@ -148,6 +148,13 @@ def effective_input(x: torch.Tensor, setting: dict[str, Any]) -> torch.Tensor:
     return hadamard_reference(xf, block) if block else xf
 
 
+def _transform_key(setting: dict[str, Any]) -> tuple:
+    """What ``effective_input`` does for ``setting``: equal keys map the same input to the same effective input."""
+    smooth = setting.get("smooth")
+    rotate = setting.get("rotate") or {}
+    return (tuple(smooth["scales"]) if smooth else None, int(rotate.get("online") or rotate.get("block") or 0))
+
+
 class _Stop(Exception):
     pass
 
@@ -206,18 +213,30 @@ def apply_gptq_layers(
     for (lname, layer), settings in zip(layers, plans):
         if settings:
             marked = [n for n, s in settings.items() if s.get("rounding") == "gptq" and precision(s["precision"]).quantized]
-            acc = {n: HessianAccumulator(layer.get_submodule(n).in_features, states[0].device) for n in marked}
+            # Modules fed the same tensor with the same transform (q/k/v, gate/up) share one accumulator: ``fed`` holds,
+            # for the sample being run, each input already added (the tensor itself, so its id cannot be reused).
+            acc: dict[str, HessianAccumulator] = {}
+            fed: dict[tuple, tuple[torch.Tensor, HessianAccumulator]] = {}
 
             def hook(name: str):
                 def record(module: nn.Module, args: tuple) -> None:
-                    acc[name].add(effective_input(args[0], settings[name]))
+                    key = (id(args[0]), _transform_key(settings[name]))
+                    if key in fed and fed[key][0] is args[0]:
+                        acc.setdefault(name, fed[key][1])
+                        if acc[name] is fed[key][1]:
+                            return
+                    a = acc.setdefault(name, HessianAccumulator(module.in_features, args[0].device))
+                    a.add(effective_input(args[0], settings[name]))
+                    fed[key] = (args[0], a)
                 return record
 
             handles = [layer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in marked]
             try:
                 for x, (args, kwargs) in zip(states, calls):
+                    fed.clear()
                     layer(x, *args[1:], **kwargs)
             finally:
+                fed.clear()
                 for h in handles:
                     h.remove()
             hessians = {n: a.hessian() for n, a in acc.items()}
