@@ -24,6 +24,17 @@ def correlated_inputs(rows: int = 512, features: int = 128, seed: int = 0) -> to
     return x
 
 
+def gptq_plan(model, name: str, ids: torch.Tensor | None = IDS):
+    """Every linear layer of ``model`` at ``name`` with GPTQ rounding, calibrated on ``ids`` (None: no ids)."""
+    plan = uniform_plan(model, name)
+    for layer in plan.layers:
+        for s in layer.linear.values():
+            s["rounding"] = "gptq"
+    if ids is not None:
+        plan.linear = {"gptq": {"damp": 0.01, "block": 128, "act_order": True, "ids": ids.tolist()}}
+    return plan
+
+
 def rtn(w: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     p = precision(name)
     return ref.quantize_weight_int4_groups(w, p.group_size) if p.weight == "int4" else ref.quantize_weight_per_channel(w, p.weight)
@@ -55,10 +66,7 @@ def test_gptq_without_calibration_ids_is_refused():
     from compressor.errors import CompressorError
 
     model = tiny_llama()
-    plan = uniform_plan(model, "w8a8-int8")
-    for layer in plan.layers:
-        for s in layer.linear.values():
-            s["rounding"] = "gptq"
+    plan = gptq_plan(model, "w8a8-int8", ids=None)
     with pytest.raises(CompressorError, match="calibration ids"):
         apply_linear_plan(copy.deepcopy(model), plan)
 
@@ -97,11 +105,7 @@ def test_gptq_plan_round_trips_through_json_and_applies_the_same():
     from compressor.plan import Plan, validate_schema
 
     model = tiny_llama()
-    plan = uniform_plan(model, "w8a8-fp8")
-    for layer in plan.layers:
-        for s in layer.linear.values():
-            s["rounding"] = "gptq"
-    plan.linear = {"gptq": {"damp": 0.01, "block": 128, "act_order": True, "ids": IDS.tolist()}}
+    plan = gptq_plan(model, "w8a8-fp8")
     doc = json.loads(plan.to_json())
     validate_schema(doc)
     again = Plan.from_json(plan.to_json())
@@ -117,11 +121,7 @@ def test_gptq_layers_fed_the_same_input_share_one_hessian(monkeypatch):
     from compressor.linear_quant import gptq
 
     model = tiny_llama()
-    plan = uniform_plan(model, "w8a8-int8")
-    for layer in plan.layers:
-        for s in layer.linear.values():
-            s["rounding"] = "gptq"
-    plan.linear = {"gptq": {"damp": 0.01, "block": 128, "act_order": True, "ids": IDS.tolist()}}
+    plan = gptq_plan(model, "w8a8-int8")
     adds, hessians = [], []
     real_add = gptq.HessianAccumulator.add
     monkeypatch.setattr(gptq.HessianAccumulator, "add", lambda self, x: adds.append(id(self)) or real_add(self, x))
