@@ -24,6 +24,7 @@ object at the same version (an in-place write bumps it) with the same activation
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -49,31 +50,41 @@ def _fallback(reason: str) -> None:
         warnings.warn(f"quantized linear: {reason}; running the PyTorch reference instead", stacklevel=3)
 
 
+def activation_codes(x2: torch.Tensor, act_dtype: str, hadamard_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token codes and scales of ``x2: [M, K]`` after the optional online Hadamard rotation."""
+    return quantize_activation(hadamard_rotate(x2, hadamard_block) if hadamard_block else x2, act_dtype)
+
+
 class ActivationMemo:
     """The per-token codes of the last input quantized through it, for sibling layers reading the same tensor.
 
-    Holds that input (so its identity cannot pass to a new tensor) and its codes until the next different input.
+    Refers to that input weakly: when it is freed, the codes go too (and a new tensor can never pass for it).
     """
 
     def __init__(self) -> None:
         self.clear()
 
     def clear(self) -> None:
-        self._source: torch.Tensor | None = None
+        self._source: weakref.ref | None = None
         self._key: tuple = ()
         self._codes: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def codes(self, source: torch.Tensor, x2: torch.Tensor, act_dtype: str, hadamard_block: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``quantize_activation(rotate(x2))`` for ``x2``, a 2-D view of ``source``; reused when seen last."""
+        """``activation_codes(x2, ...)`` for ``x2``, a 2-D view of ``source``; reused when ``source`` was seen last,
+        unchanged (same version)."""
         try:
-            version = source._version
+            key = (source._version, act_dtype, hadamard_block)
         except RuntimeError:  # an inference-mode tensor has no version counter: in-place writes are invisible
-            return quantize_activation(hadamard_rotate(x2, hadamard_block) if hadamard_block else x2, act_dtype)
-        key = (version, tuple(source.shape), act_dtype, hadamard_block)
-        if self._codes is None or self._source is not source or self._key != key:
-            xin = hadamard_rotate(x2, hadamard_block) if hadamard_block else x2
-            self._source, self._key, self._codes = source, key, quantize_activation(xin, act_dtype)
+            return activation_codes(x2, act_dtype, hadamard_block)
+        if self._source is None or self._source() is not source or self._key != key:
+            codes = activation_codes(x2, act_dtype, hadamard_block)
+            self.clear()
+            self._source, self._key, self._codes = weakref.ref(source, self._forget), key, codes
         return self._codes
+
+    def _forget(self, ref: weakref.ref) -> None:  # the remembered input was freed
+        if ref is self._source:
+            self.clear()
 
 
 @dataclass(frozen=True)
@@ -276,20 +287,21 @@ def _decode_linear(
 
 def _fast_linear(
     x2: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, act_dtype: str,
-    group_size: int, hadamard_block: int, out_dtype: torch.dtype, backend: str, codes=None,
+    group_size: int, hadamard_block: int, out_dtype: torch.dtype, backend: str,
+    shared: tuple[ActivationMemo, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``codes``: ``x2 -> (a_q, a_s)`` (rotation included) when a memo is shared, else one activation pass here."""
+    """``shared``: ``(memo, x)`` when the activation codes of ``x`` (whose 2-D view is ``x2``) may come from a memo."""
     m = x2.shape[0]
     int4 = weight_q.dtype == torch.int32
-    if codes is None:
-        def codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return quantize_activation(hadamard_rotate(x, hadamard_block) if hadamard_block else x, act_dtype)
-    if not int4 and (backend == "torch" or (backend == "auto" and act_dtype == "fp8" and m > SMALL_M)):
-        return torch_gemm(*codes(x2), weight_q, weight_scale, bias, out_dtype)
     if m <= SMALL_M:
         xin = hadamard_rotate(x2, hadamard_block) if hadamard_block else x2
-        return _decode_linear(xin, weight_q, weight_scale, bias, act_dtype, group_size, hadamard_block, out_dtype)
-    return triton_gemm(*codes(x2), weight_q, weight_scale, bias, out_dtype, group_size)
+        if int4 or backend != "torch":
+            return _decode_linear(xin, weight_q, weight_scale, bias, act_dtype, group_size, hadamard_block, out_dtype)
+        return torch_gemm(*quantize_activation(xin, act_dtype), weight_q, weight_scale, bias, out_dtype)
+    codes = shared[0].codes(shared[1], x2, act_dtype, hadamard_block) if shared else activation_codes(x2, act_dtype, hadamard_block)
+    if not int4 and (backend == "torch" or (backend == "auto" and act_dtype == "fp8")):
+        return torch_gemm(*codes, weight_q, weight_scale, bias, out_dtype)
+    return triton_gemm(*codes, weight_q, weight_scale, bias, out_dtype, group_size)
 
 
 def quant_linear(
@@ -319,11 +331,8 @@ def quant_linear(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     try:
-        codes = None
-        if memo is not None and x2.shape[0] > SMALL_M:
-            codes = lambda xin: memo.codes(x, x2, act_dtype, hadamard_block)  # noqa: E731
         y = _fast_linear(x2, weight_q, weight_scale, bias, act_dtype, group_size, hadamard_block, out_dtype, backend,
-                         codes)
+                         (memo, x) if memo is not None else None)
     except Exception as err:  # a Triton build that rejects a kernel: keep the model running, say why once
         if backend != "auto":
             raise

@@ -135,7 +135,7 @@ def read_results(before: str) -> tuple[list[str], dict[str, str], list[str], lis
     head, earlier = text[:cut], text[cut:]
     start = next((i for i, line in enumerate(head) if line.startswith("| variant")), len(head))
     end = next((i for i in range(start, len(head)) if not head[i].startswith("|")), len(head))
-    rows = [line for line in head[start + 2 : end]]
+    rows = head[start + 2 : end]
     notes = [line for line in head[:start] if line.startswith("- ")]
     tail = head[end:]
     while tail and not tail[-1].strip():

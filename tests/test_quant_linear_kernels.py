@@ -296,6 +296,8 @@ def test_sibling_layers_share_one_activation_pass(monkeypatch, kind, group, hada
     y = x.clone()
     ql.quant_linear(y, wq, s, None, act, g, hadamard, torch.float32, memo=memo)
     assert len(passes) == 3
+    del y  # the memo refers to its input weakly: freeing the input frees the codes
+    assert memo._codes is None
 
 
 def test_activation_memo_is_skipped_at_decode_sizes_and_for_inference_tensors(monkeypatch):

@@ -214,17 +214,16 @@ def apply_gptq_layers(
         if settings:
             marked = [n for n, s in settings.items() if s.get("rounding") == "gptq" and precision(s["precision"]).quantized]
             # Modules fed the same tensor with the same transform (q/k/v, gate/up) share one accumulator: ``fed`` holds,
-            # for the sample being run, each input already added (the tensor itself, so its id cannot be reused).
+            # for the sample being run, each input already added (the tensor too, so that its id cannot be reused).
             acc: dict[str, HessianAccumulator] = {}
             fed: dict[tuple, tuple[torch.Tensor, HessianAccumulator]] = {}
+            transform = {n: _transform_key(settings[n]) for n in marked}
 
             def hook(name: str):
                 def record(module: nn.Module, args: tuple) -> None:
-                    key = (id(args[0]), _transform_key(settings[name]))
-                    if key in fed and fed[key][0] is args[0]:
-                        acc.setdefault(name, fed[key][1])
-                        if acc[name] is fed[key][1]:
-                            return
+                    key = (id(args[0]), transform[name])
+                    if key in fed and acc.setdefault(name, fed[key][1]) is fed[key][1]:
+                        return
                     a = acc.setdefault(name, HessianAccumulator(module.in_features, args[0].device))
                     a.add(effective_input(args[0], settings[name]))
                     fed[key] = (args[0], a)

@@ -16,7 +16,8 @@ from compressor.linear_quant.formats import Precision, precision
 
 
 # One memo for every QuantLinear: sibling layers called one after the other on the same input tensor (q/k/v,
-# gate/up) quantize it once (compressor.kernels.quant_linear.ActivationMemo; CUDA, above 16 tokens).
+# gate/up) quantize it once (compressor.kernels.quant_linear.ActivationMemo: CUDA, above 16 tokens; it refers to the
+# input weakly, so nothing outlives the forward pass).
 _SHARED_CODES = None
 
 
