@@ -4,28 +4,14 @@ lengths advanced, windows at the new lengths; padding rows and rows past the bat
 Without a GPU the kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1, set before any kernel is built).
 """
 
-import importlib.util
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-TRITON_LOADED_EARLY = not ON_GPU and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-
+from tests.interpreter import DEVICE, ON_GPU, needs_triton, rerun_in_fresh_process  # first: sets TRITON_INTERPRET
 from compressor.kernels.cache_store import store_decode_token_reference, store_decode_token_triton  # noqa: E402
 from compressor.kernels.decode_attention import slot_tokens  # noqa: E402
-
-DEVICE = "cuda" if ON_GPU else "cpu"
-needs_triton = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None or TRITON_LOADED_EARLY,
-    reason="triton is not installed, or was imported before TRITON_INTERPRET=1 (then test_kernels_in_a_fresh_process runs them)",
-)
 
 
 def _case(lengths, sink_cap, ring_cap, max_batch, key_dim=16, value_dim=16, group=2, seed=0):
@@ -104,7 +90,6 @@ def test_the_token_lands_where_the_decode_kernel_reads_it():
     assert int(keys.isfinite().all(-1).sum()) == len(lengths) * len(sink_cap)  # nothing else written
 
 
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
 def test_a_captured_store_replays_one_token_per_replay():
@@ -124,10 +109,4 @@ def test_a_captured_store_replays_one_token_per_replay():
         torch.testing.assert_close(g, w, atol=0, rtol=0, equal_nan=True)
 
 
-@pytest.mark.skipif(not TRITON_LOADED_EARLY, reason="the kernel tests above ran in this process")
-def test_kernels_in_a_fresh_process():
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-4000:]
+test_kernels_in_a_fresh_process = rerun_in_fresh_process(__file__)

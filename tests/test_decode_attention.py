@@ -4,21 +4,12 @@ Without a GPU the kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1, s
 """
 
 import dataclasses
-import importlib.util
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-# Triton reads TRITON_INTERPRET when it is imported; another test module (through transformers) may import it first
-TRITON_LOADED_EARLY = not ON_GPU and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-
+from tests.interpreter import DEVICE, ON_GPU, needs_triton, rerun_in_fresh_process  # first: sets TRITON_INTERPRET
 from compressor.kernels.decode_attention import (  # noqa: E402
     decode_attention_reference,
     decode_attention_triton,
@@ -27,11 +18,6 @@ from compressor.kernels.decode_attention import (  # noqa: E402
 )
 from compressor.kernels.reference import naive_attention  # noqa: E402
 
-DEVICE = "cuda" if ON_GPU else "cpu"
-needs_triton = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None or TRITON_LOADED_EARLY,
-    reason="triton is not installed, or was imported before TRITON_INTERPRET=1 (then test_kernels_in_a_fresh_process runs them)",
-)
 TOLERANCE = {torch.float16: dict(atol=4e-3, rtol=1e-2), torch.float32: dict(atol=2e-5, rtol=2e-5),
              torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}  # fmt: skip
 
@@ -269,10 +255,4 @@ def test_a_captured_call_replays_with_new_lengths_and_windows():
     torch.testing.assert_close(out, decode_attention_reference(q, k, v, **args), **TOLERANCE[torch.bfloat16])
 
 
-@pytest.mark.skipif(not TRITON_LOADED_EARLY, reason="the kernel tests above ran in this process")
-def test_kernels_in_a_fresh_process():
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-4000:]
+test_kernels_in_a_fresh_process = rerun_in_fresh_process(__file__)
