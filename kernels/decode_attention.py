@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import torch
 
 from compressor.kernels.decode_launch import DecodeLaunch, decode_launch
-from compressor.kernels.triton_support import interpreting, next_pow2, triton_available
+from compressor.kernels.triton_support import interpreting, jit_helpers, next_pow2, triton_available
 
 tl = None  # triton.language, bound by _triton_kernels() on first use
 
@@ -252,12 +252,7 @@ def _decode_merge(
 @functools.lru_cache(maxsize=None)
 def _triton_kernels() -> SimpleNamespace:
     """Import Triton and jit the kernels, once per process (TRITON_INTERPRET is read here)."""
-    import triton
-    import triton.language
-
-    module = globals()
-    module["tl"] = triton.language
-    module["_merge_partials"] = triton.jit(_merge_partials)
+    triton = jit_helpers(globals(), _merge_partials)
     return SimpleNamespace(
         triton=triton, chunk=triton.jit(_decode_chunk), merge=triton.jit(_decode_merge), interpret=interpreting()
     )

@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from compressor.kernels.triton_support import interpreting, require_launchable
+from compressor.kernels.triton_support import interpreting, jit_helpers, require_launchable
 
 from . import sparse_attention as sa
 from .sage_quant import (
@@ -289,12 +289,8 @@ def _sage_attention_fwd(
 @functools.lru_cache(maxsize=None)
 def _triton_kernels() -> SimpleNamespace:
     """Import Triton and jit the attention kernel above, once per process."""
-    import triton
-    import triton.language
-
+    triton = jit_helpers(globals(), _attend_blocks_sage)
     module = globals()
-    module["tl"] = triton.language
-    module["_attend_blocks_sage"] = triton.jit(_attend_blocks_sage)
     sa._triton_kernels()  # jits the helpers the two kernels share
     module["_key_block_ranges"] = sa._key_block_ranges
     module["_row_window"] = sa._row_window

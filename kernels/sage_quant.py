@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import sparse_attention as sa
-from .triton_support import interpreting
+from .triton_support import interpreting, jit_helpers
 
 VARIANTS = (
     "int8-qk/fp8-pv", "int8-qk/fp8-pv+qsmooth", "int8-qk/fp16-pv", "int8-qk/fp16-pv+qsmooth", "bf16",
@@ -275,14 +275,7 @@ def _quantize_qkv_kernel(
 @functools.lru_cache(maxsize=None)
 def _triton_kernels() -> SimpleNamespace:
     """Import Triton and jit the quantization kernel, once per process."""
-    import triton
-    import triton.language
-
-    module = globals()
-    module["tl"] = triton.language
-    module["_int8_block"] = triton.jit(_int8_block)
-    module["_quantize_q_block"] = triton.jit(_quantize_q_block)
-    module["_quantize_kv_block"] = triton.jit(_quantize_kv_block)
+    triton = jit_helpers(globals(), _int8_block, _quantize_q_block, _quantize_kv_block)
     return SimpleNamespace(quant=triton.jit(_quantize_qkv_kernel), interpret=interpreting())
 
 

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from compressor.kernels.triton_support import interpreting, require_launchable, triton_available
+from compressor.kernels.triton_support import interpreting, jit_helpers, require_launchable, triton_available
 
 from .reference import block_sparse_attention_reference, sparse_attention_reference
 
@@ -246,16 +246,7 @@ def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
 @functools.lru_cache(maxsize=None)
 def _triton_kernels() -> SimpleNamespace:
     """Import Triton and jit the kernels above, once per process (the interpreter is chosen here, by TRITON_INTERPRET)."""
-    import triton
-    import triton.language
-
-    module = globals()
-    module["tl"] = triton.language
-    module["_masked_scores"] = triton.jit(_masked_scores)
-    module["_attend_blocks"] = triton.jit(_attend_blocks)
-    module["_key_block_ranges"] = triton.jit(_key_block_ranges)
-    module["_row_window"] = triton.jit(_row_window)
-    module["_listed_block_range"] = triton.jit(_listed_block_range)
+    triton = jit_helpers(globals(), _masked_scores, _attend_blocks, _key_block_ranges, _row_window, _listed_block_range)
     plain = triton.jit(do_not_specialize=["size_class", "pattern_class"])(_sparse_attention_fwd)
     tuned = triton.autotune(
         configs=_autotune_configs(triton),

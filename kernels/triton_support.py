@@ -16,6 +16,18 @@ def triton_available() -> bool:
     return True
 
 
+def jit_helpers(namespace: dict, *helpers):
+    """Import Triton, bind ``tl`` in a kernel module's ``namespace`` (its ``globals()``) and jit each ``@triton.jit``
+    helper under its own name there, so the kernels that call them resolve them when jitted. Returns ``triton``."""
+    import triton
+    import triton.language
+
+    namespace["tl"] = triton.language
+    for fn in helpers:
+        namespace[fn.__name__] = triton.jit(fn)
+    return triton
+
+
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (1 for n <= 1): Triton block shapes are powers of two."""
     return 1 << max(int(n) - 1, 0).bit_length()

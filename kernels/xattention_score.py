@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import torch
 
-from compressor.kernels.triton_support import interpreting, next_pow2, triton_available
+from compressor.kernels.triton_support import interpreting, jit_helpers, next_pow2, triton_available
 
 STRIDES = (4, 8, 16)
 BLOCK_SIZES = (64, 128)
@@ -310,13 +310,7 @@ _GPU_SCORE_CONFIGS = (  # (BLOCK_M, BLOCK_C, BLOCK_K, num_warps, num_stages, max
 @functools.lru_cache(maxsize=None)
 def _kernels() -> SimpleNamespace:
     """Import Triton and jit the kernels above, once per process (TRITON_INTERPRET is read here)."""
-    import triton
-    import triton.language
-
-    module = globals()
-    module["tl"] = triton.language
-    module["_antidiagonal_dot"] = triton.jit(_antidiagonal_dot)
-    module["_key_chunk"] = triton.jit(_key_chunk)
+    triton = jit_helpers(globals(), _antidiagonal_dot, _key_chunk)
     scores = triton.jit(do_not_specialize=["batch0", "slice0", "size_class"])(_scores_fwd)
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_C": bc, "BLOCK_K": bk}, num_warps=w, num_stages=s, maxnreg=r)
