@@ -320,6 +320,35 @@ def _same_span(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return F.pad(a, (0, n - a.shape[-1])), F.pad(b, (0, n - b.shape[-1]))
 
 
+def merge_profiles(parts: list[tuple[InfluenceProfile, float]]) -> InfluenceProfile:
+    """Weighted average of profiles of one length: each part counts ``weight x its samples``, so equal weights give
+    the average over all their samples (what profiling them together gives). Parts of weight 0 are left out."""
+    parts = [(p, w) for p, w in parts if w > 0 and p.samples > 0]
+    if not parts:
+        raise CompressorError("no calibration samples with a positive task weight; check the recipe's task_weights")
+    span = max(p.absolute.shape[-1] for p, _ in parts)
+    total = sum(w * p.samples for p, w in parts)
+
+    def mix(get) -> torch.Tensor:
+        out = None
+        for p, w in parts:
+            t = get(p)
+            if t.dim() == 3:  # by distance (or cut): zero beyond this part's span
+                t = F.pad(t, (0, span - p.absolute.shape[-1]))
+            t = t * (w * p.samples / total)
+            out = t if out is None else out + t
+        return out
+
+    first = parts[0][0]
+    rows = [p.row_cut for p, _ in parts]
+    return InfluenceProfile(
+        first.length, first.sink, sum(p.samples for p, _ in parts),
+        mix(lambda p: p.absolute), mix(lambda p: p.signed), mix(lambda p: p.sink_absolute), mix(lambda p: p.sink_signed),
+        float(sum(p.loss * w * p.samples for p, w in parts) / total),
+        row_cut=None if any(r is None for r in rows) else mix(lambda p: p.row_cut),
+    )
+
+
 def profile_influence(
     model: torch.nn.Module,
     samples: list[RetrievalSample],

@@ -73,12 +73,35 @@ def evaluate_config(model, tokenizer, lengths, samples, ppl_samples, seed) -> di
     return out
 
 
+def parse_weighting(text: str) -> dict[str, float]:
+    """'passkey:4,lines:2' -> {"passkey": 4.0, "lines": 2.0}; '-' -> {} (every task weighs 1)."""
+    if text.strip() in ("-", ""):
+        return {}
+    out = {}
+    for part in text.split(","):
+        task, _, weight = part.partition(":")
+        out[task.strip()] = float(weight)
+    return out
+
+
+def weighting_label(group: list) -> str:
+    names = ["equal" if not w else "/".join(f"{k}:{v:g}" for k, v in sorted(w.items())) for w in group if w is not None]
+    return ("joint " if len(names) > 1 else "") + "+".join(names) if names else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="moa-cpu")
     parser.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.25])
     parser.add_argument("--influence", nargs="+", default=[],
                         help="influence estimators to compare (absolute, signed, row); default: the recipe's")
+    parser.add_argument("--task-weights", nargs="+", default=[],
+                        help="MoA task weightings to compare, each 'task:weight,...' or '-' (all tasks equal), one "
+                             "search each (default: the recipe's)")
+    parser.add_argument("--joint-weights", action="store_true",
+                        help="one search over all --task-weights (held-out scoring picks), not one per weighting")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="evaluate only the MoA plans (dense and the uniform window were measured by another run)")
     parser.add_argument("--cal-lengths", type=int, nargs="+", default=[], help="override the recipe's profiled lengths")
     parser.add_argument("--cal-samples", type=int, default=0, help="override the recipe's samples per length")
     parser.add_argument("--score-length", type=int, default=-1, help="override the recipe's held-out scoring length")
@@ -130,24 +153,33 @@ def main() -> None:
     kinds = args.influence or [recipe.attention.influence]
     ctx = CompressionContext(model=model, tokenizer=tokenizer, recipe=recipe, device=model.device)
 
-    searches = {}  # (density, influence kind) -> search
+    weightings = [parse_weighting(w) for w in args.task_weights] or [None]  # None: the recipe's task_weights
+    groups = [weightings] if args.joint_weights and weightings != [None] else [[w] for w in weightings]
+    searches = {}  # (density, influence kind, weighting label) -> search
     for density in args.densities:
         for kind in kinds:
-            config = recipe.attention
-            config.density = density
-            config.influence = kind
-            reset_peak()
-            t0 = time.perf_counter()
-            result = moa_plan(ctx, config)  # the profile is computed once and shared (ctx.cache)
-            searches[density, kind] = {"result": result, "seconds": time.perf_counter() - t0, "peak_mb": peak_rss_mb()}
-            print(f"moa density {density} influence {kind}: {searches[density, kind]['seconds']:.0f}s, "
-                  f"peak {searches[density, kind]['peak_mb']:.0f} MiB", json.dumps(result.calibration), flush=True)
+            for group in groups:
+                config = recipe.attention
+                config.density = density
+                config.influence = kind
+                if group != [None]:
+                    config.task_weights = group
+                label = weighting_label(group) if len(groups) > 1 or args.joint_weights else ""
+                reset_peak()
+                t0 = time.perf_counter()
+                result = moa_plan(ctx, config)  # the profile is computed once and shared (ctx.cache)
+                searches[density, kind, label] = {"result": result, "seconds": time.perf_counter() - t0,
+                                                  "peak_mb": peak_rss_mb()}
+                print(f"moa density {density} influence {kind} {label}: {searches[density, kind, label]['seconds']:.0f}s, "
+                      f"peak {searches[density, kind, label]['peak_mb']:.0f} MiB", json.dumps(result.calibration), flush=True)
 
-    configs: dict[str, object] = {"dense": None}
-    for (density, kind), s in searches.items():
+    configs: dict[str, object] = {} if args.no_baselines else {"dense": None}
+    first_label = next(iter(searches))[2] if searches else ""
+    for (density, kind, label), s in searches.items():
         plan = plan_from_heads(model, s["result"].heads)
-        configs[f"moa@{density:g}" + (f" ({kind})" if len(kinds) > 1 else "")] = plan
-        if kind != kinds[0]:
+        tags = ([kind] if len(kinds) > 1 else []) + ([label] if label else [])
+        configs[f"moa@{density:g}" + (f" ({', '.join(tags)})" if tags else "")] = plan
+        if kind != kinds[0] or label != first_label or args.no_baselines:
             continue
         # the uniform elastic window with the MoA plan's density at the longest evaluated length (never above it)
         target = plan.density(max(args.lengths))
@@ -195,10 +227,10 @@ def write_report(args, started_at, searches, results, transformers_version) -> N
         cells += [f"{r['perplexity'][str(n)]:.3f}" for n in args.lengths]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Calibration + search", ""]
-    for (density, kind), s in searches.items():
+    for (density, kind, label), s in searches.items():
         res = s["result"]
         lines.append(
-            f"- density {density:g}, influence {kind}: {s['seconds']:.0f} s wall, peak RSS {s['peak_mb']:.0f} MiB (model included); "
+            f"- density {density:g}, influence {kind}{', ' + label if label else ''}: {s['seconds']:.0f} s wall, peak RSS {s['peak_mb']:.0f} MiB (model included); "
             f"stages {json.dumps(res.calibration['seconds'])}; {res.search['rules']} rules; "
             f"chosen plan {res.search['chosen']}"
         )

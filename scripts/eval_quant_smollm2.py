@@ -38,7 +38,8 @@ def variants() -> dict[str, dict | None]:
     out["fp8 rotate gptq"] = {**fp8, "rotate": True, "rounding": "gptq"}
     mixed = {"precision": "mixed", "budget": "bits", "sensitivity_samples": 1, "sensitivity_length": 128}
     for budget in (8.5, 9.0):
-        for tag, extra in (("", {}), (" rotate", {"rotate": True})):
+        for tag, extra in (("", {}), (" rotate", {"rotate": True}),
+                           (" sens16x512", {"sensitivity_samples": 16, "sensitivity_length": 512})):
             out[f"fp8 mixed<={budget:g}{tag} gptq"] = {**mixed, "candidates": ["bf16", "w8a8-fp8"], "budget_value": budget,
                                                         "rounding": "gptq", **extra}
     balance = (("none", {}), ("smooth", {"smooth": True}), ("rotate", {"rotate": True}),
@@ -56,6 +57,12 @@ def variants() -> dict[str, dict | None]:
     out["mixed<=5 both gptq"] = {**w4, "smooth": True, "rotate": True, "rounding": "gptq"}
     out["mixed<=5 gptq"] = {**w4, "rounding": "gptq"}
     out["mixed<=5 rotate gptq"] = {**w4, "rotate": True, "rounding": "gptq"}
+    # sensitivities on more text (the variants above measure 1 sample of 128 tokens; the recipe default is 2 x 256)
+    for n in (4, 16):
+        out[f"mixed<=5 both gptq sens{n}x512"] = {**w4, "smooth": True, "rotate": True, "rounding": "gptq",
+                                                  "sensitivity_samples": n, "sensitivity_length": 512}
+    out["mixed<=5 both gptq sens16x512 +fp8"] = {**out["mixed<=5 both gptq sens16x512"],
+                                                 "candidates": ["bf16", "w8a8-fp8", "w8a8-int8", "w4a8"]}
     return out
 
 

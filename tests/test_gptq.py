@@ -138,3 +138,42 @@ def test_gptq_layers_fed_the_same_input_share_one_hessian(monkeypatch):
         assert set(h) == set(NAMES)
         assert torch.equal(h["self_attn.q_proj"], h["self_attn.v_proj"]) and torch.equal(h["mlp.gate_proj"], h["mlp.up_proj"])
         assert h["self_attn.o_proj"].shape == h["self_attn.q_proj"].shape and not torch.equal(h["self_attn.q_proj"], h["self_attn.o_proj"])
+
+
+def test_gptq_states_of_unequal_lengths_match_the_stacked_buffer():
+    """Calibration samples of one shape share two stacked buffers used in turn; samples of mixed lengths stay a list,
+    and a GPTQ plan calibrated on ids of two lengths applies."""
+    from compressor.linear_quant.gptq import _StateBuffer
+
+    rows = [torch.randn(1, 5, 4), torch.randn(1, 5, 4)]
+    stacked = _StateBuffer(rows)
+    assert isinstance(stacked.current, torch.Tensor) and stacked.current.shape == (2, 1, 5, 4)
+    stacked.advance(x * 2 for x in stacked)
+    assert torch.equal(stacked.current[1], rows[1] * 2)
+    stacked.advance(x + 1 for x in stacked)  # the buffers alternate: the outputs never overwrite their own inputs
+    assert torch.equal(stacked.current[0], rows[0] * 2 + 1)
+
+    ragged = _StateBuffer([torch.randn(1, 5, 4), torch.randn(1, 3, 4)])
+    assert isinstance(ragged.current, list)
+    ragged.advance(x * 2 for x in ragged)
+    assert [tuple(x.shape) for x in ragged] == [(1, 5, 4), (1, 3, 4)]
+
+    model = tiny_llama()
+    ragged_ids = [IDS[0].tolist(), IDS[1, :-7].tolist()]
+    plan = gptq_plan(model, "w8a8-int8")
+    plan.linear["gptq"]["ids"] = ragged_ids
+    out = apply_linear_plan(copy.deepcopy(model), plan)(IDS).logits
+    assert torch.isfinite(out).all()
+
+
+def test_release_host_memory_runs_where_glibc_is():
+    import sys
+
+    from compressor.memory import release_host_memory
+
+    ran = release_host_memory()
+    assert isinstance(ran, bool)
+    if sys.platform.startswith("linux"):
+        import platform
+
+        assert ran or platform.libc_ver()[0] != "glibc"

@@ -12,10 +12,12 @@ from compressor.calibration.data import RetrievalSample
 from compressor.calibration.influence import (
     InfluenceProfile,
     loss_outside_window,
+    merge_profiles,
     profile_influence,
     profile_sample,
     scored_start,
 )
+from compressor.errors import CompressorError
 
 TOKENS, SINK = 48, 5
 
@@ -132,6 +134,31 @@ def test_profile_averages_samples_and_keeps_model_parameters_untouched():
     assert [p.requires_grad for p in model.parameters()] == before
     assert model.config._attn_implementation != "compressor_influence"
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_task_weighted_merge_equals_profiling_the_samples_together():
+    model = tiny_llama()
+    text = retrieval_sample(4)
+    text = RetrievalSample(text.input_ids[:40], 0, "", "corpus", 0.0, TOKENS)  # shorter span: padded in the merge
+    keys = [retrieval_sample(5), retrieval_sample(6)]
+
+    joint = profile_influence(model, [text] + keys, sink=SINK)[TOKENS]
+    by_task = {"corpus": profile_influence(model, [text], sink=SINK)[TOKENS],
+               "passkey": profile_influence(model, keys, sink=SINK)[TOKENS]}
+    equal = merge_profiles([(by_task["corpus"], 1.0), (by_task["passkey"], 1.0)])
+    heavy = merge_profiles([(by_task["corpus"], 1.0), (by_task["passkey"], 3.0)])
+    without = merge_profiles([(by_task["corpus"], 0.0), (by_task["passkey"], 1.0)])
+
+    for field in ("absolute", "signed", "row_cut", "sink_absolute"):
+        torch.testing.assert_close(getattr(equal, field), getattr(joint, field))
+    assert equal.samples == 3 and equal.loss == pytest.approx(joint.loss)
+    # passkey counted 3x: (1 * text + 3 * 2 keys) / 7 samples' worth
+    text_cut = torch.nn.functional.pad(by_task["corpus"].row_cut, (0, TOKENS - 40))
+    expected = (text_cut + 6 * by_task["passkey"].row_cut) / 7
+    torch.testing.assert_close(heavy.row_cut, expected)
+    torch.testing.assert_close(without.row_cut, by_task["passkey"].row_cut)
+    with pytest.raises(CompressorError, match="positive task weight"):
+        merge_profiles([(by_task["corpus"], 0.0)])
 
 
 def test_loss_outside_window_is_the_histogram_tail():

@@ -171,6 +171,27 @@ def test_clip_search_is_planned_from_calibration_and_helps_w4a8():
     assert cosine(clipped(IDS).logits, want) > cosine(plain(IDS).logits, want)
 
 
+def test_collected_inputs_are_the_layer_inputs_sampled_in_order():
+    from compressor.linear_quant.calibrate import collect_linear_inputs
+
+    model = tiny_llama()
+    name = "model.layers.0.mlp.down_proj"
+    seen: list[torch.Tensor] = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for row in IDS:
+            model(input_ids=row[None])
+    handle.remove()
+
+    stats = collect_linear_inputs(model, [name], [IDS[0], IDS[1]], rows=10, seed=3)[name]
+    gen = torch.Generator().manual_seed(3)  # 5 rows from each batch, drawn as the function draws them
+    want = torch.cat([x[torch.randperm(x.shape[0], generator=gen)[:5]] for x in seen])
+    torch.testing.assert_close(stats.rows, want)
+    torch.testing.assert_close(stats.amax, torch.cat(seen).abs().amax(dim=0))
+    many = collect_linear_inputs(model, [name], [IDS[0]] * 3, rows=2)[name]  # more batches than rows: one row each
+    assert many.rows.shape == (2, seen[0].shape[-1])
+
+
 def test_smoothing_search_models_the_rotated_layer_it_deploys():
     from compressor.linear_quant.balance import quantized_output_error
     from compressor.linear_quant.calibrate import collect_linear_inputs

@@ -9,7 +9,7 @@ import yaml
 from transformers import AutoTokenizer
 
 from compressor import runtime
-from compressor.errors import RecipeError
+from compressor.errors import CompressorError, RecipeError
 from compressor.methods import METHODS, CompressionContext
 from compressor.methods.moa import MoAConfig, candidate_rules, plan_from_heads, search_plan
 from compressor.plan import DensePattern, Plan, WindowPattern
@@ -85,6 +85,30 @@ def test_trade_off_points_below_what_the_rules_reach_are_skipped_not_fatal(tiny_
 
     assert len(result.search["plans"]) == 1
     assert [s["budget"] for s in result.search["skipped"]] == [pytest.approx(0.006)]
+
+
+def test_task_weightings_each_give_a_plan_from_one_profile(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    recipe = parse_recipe(tiny_recipe(density_scales=[1.0], length_powers=[0.0], score_length=0,
+                                      task_weights=[{}, {"passkey": 8.0}, {"corpus": 0.0}]))
+    ctx = CompressionContext(model=model, tokenizer=tokenizer, recipe=recipe, device=torch.device("cpu"))
+
+    result = METHODS[("attention", "moa")].run(ctx, recipe.attention)
+
+    plans = result.search["plans"]
+    assert [p["task_weights"] for p in plans] == [{}, {"passkey": 8.0}, {"corpus": 0.0}]
+    assert plans[1]["name"].endswith("tasks=passkey:8")
+    # corpus weighted 0: only the passkey samples' influence is left, so the estimate differs from the equal mix
+    assert plans[2]["estimated_loss"] != plans[0]["estimated_loss"]
+    assert result.search["tasks"] == {"corpus": {str(n): 1 for n in LENGTHS}, "passkey": {str(n): 1 for n in LENGTHS}}
+
+    bad = parse_recipe(tiny_recipe(task_weights=[{"lines": 2.0}], score_length=0))
+    with pytest.raises(CompressorError, match="'lines'.*only the tasks 'corpus', 'passkey'"):
+        METHODS[("attention", "moa")].run(CompressionContext(model=model, tokenizer=tokenizer, recipe=bad,
+                                                             device=torch.device("cpu")), bad.attention)
+    with pytest.raises(RecipeError, match="task_weights"):
+        parse_recipe(tiny_recipe(task_weights=[{"passkey": -1}]))
 
 
 def test_end_to_end_plan_meets_the_budget(moa_result):

@@ -20,6 +20,7 @@ from compressor.errors import CompressorError
 from compressor.kernels.quant_reference import FP8_MAX, INT4_MAX, INT8_MAX, fp8_dtype, hadamard_reference
 from compressor.kernels.quant_reference import quantize_weight_int4_groups
 from compressor.linear_quant.formats import Precision, precision
+from compressor.memory import release_host_memory
 
 ROUNDINGS = ("nearest", "gptq")
 
@@ -180,6 +181,30 @@ def _layer_inputs(model: nn.Module, first_layer: nn.Module, ids: list[list[int]]
     return captured
 
 
+class _StateBuffer:
+    """The hidden states of every calibration sample between two decoder layers. Samples of one shape live in two
+    preallocated buffers used in turn (a layer's outputs are copied into the other), so that a pass over 128 windows
+    does not leave 128 separately allocated tensors per layer between the forward's temporaries (on the CPU that
+    fragmented the heap by GBs); samples of different shapes stay a list."""
+
+    def __init__(self, states: list[torch.Tensor]) -> None:
+        same = len({(tuple(x.shape), x.dtype, x.device) for x in states}) == 1
+        self.current: torch.Tensor | list[torch.Tensor] = torch.stack(states) if same else list(states)
+        self.spare = torch.empty_like(self.current) if same else None
+
+    def __iter__(self):
+        return iter(self.current)
+
+    def advance(self, outputs) -> None:
+        """Replace the states with ``outputs`` (one per sample, computed while iterating over this buffer)."""
+        if self.spare is None:
+            self.current = list(outputs)
+            return
+        for i, out in enumerate(outputs):
+            self.spare[i].copy_(out)
+        self.current, self.spare = self.spare, self.current
+
+
 def _hidden_first(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """The layer call with the hidden states as the first positional argument."""
     if args:
@@ -209,7 +234,7 @@ def apply_gptq_layers(
         raise CompressorError("the plan asks for GPTQ rounding but plan.linear['gptq'] has no calibration ids; "
                               "re-plan with rounding: gptq, or use rounding: nearest")
     calls = [_hidden_first(args, kwargs) for args, kwargs in _layer_inputs(model, layers[0][1], ids)]
-    states = [args[0] for args, _ in calls]
+    states = _StateBuffer([args[0] for args, _ in calls])
     for (lname, layer), settings in zip(layers, plans):
         if settings:
             marked = [n for n, s in settings.items() if s.get("rounding") == "gptq" and precision(s["precision"]).quantized]
@@ -240,4 +265,5 @@ def apply_gptq_layers(
                     h.remove()
             hessians = {n: a.hessian() for n, a in acc.items()}
             apply_layer_settings(layer, settings, hessians, options)
-        states = [_first(layer(x, *args[1:], **kwargs)) for x, (args, kwargs) in zip(states, calls)]
+        states.advance(_first(layer(x, *args[1:], **kwargs)) for x, (args, kwargs) in zip(states, calls))
+        release_host_memory()

@@ -16,6 +16,7 @@ from torch import nn
 from compressor.linear_quant.apply import quantize_modules
 from compressor.linear_quant.balance import fold_layer_balancing
 from compressor.linear_quant.formats import fitting_precision, precision
+from compressor.memory import release_host_memory
 
 
 @dataclass
@@ -102,6 +103,7 @@ def measure_sensitivity(
                 ans[k, c] = max(0.0, answer_loss() - dense_answer) if answers else 0.0
             finally:
                 layer_list[i] = original
+        release_host_memory()
     return Sensitivity(items, params, precisions, kl, ans, in_features)
 
 

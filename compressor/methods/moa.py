@@ -26,6 +26,7 @@ from compressor.calibration.influence import (
     INFLUENCE_KINDS,
     InfluenceProfile,
     loss_outside_window,
+    merge_profiles,
     model_aligned_samples,
     profile_influence,
     scored_start,
@@ -42,8 +43,9 @@ class MoAConfig:
 
     density: the average density bound at every calibration length. max_rules_per_layer: cap on distinct rules
     (dense counts as one) per layer; None = no cap. tie_kv_groups: one rule per KV group (None: on for GQA models).
-    Candidate plans: one per (p in length_powers, s in density_scales), minimising the estimated loss weighted by
-    (N / longest N)^p per length under the budget s * density. score_length: held-out length for choosing among plans (None: twice the
+    Candidate plans: one per (p in length_powers, s in density_scales, t in task_weights), minimising the estimated
+    loss weighted by (N / longest N)^p per length under the budget s * density, each calibration sample's influence
+    weighted by t[its task] (tasks not named: 1; e.g. ``{passkey: 4}`` makes retrieval answers count 4x). score_length: held-out length for choosing among plans (None: twice the
     longest calibration length, capped at the model's context; 0: do not score, keep the first plan).
     """
 
@@ -62,6 +64,7 @@ class MoAConfig:
     text_fraction: float = 0.25
     length_powers: list[float] = field(default_factory=lambda: [0.0, 1.0])
     density_scales: list[float] = field(default_factory=lambda: [1.0, 0.9])
+    task_weights: list[dict[str, float]] = field(default_factory=lambda: [{}])
     score_length: int | None = None
     score_samples: int = 4
     solver_time_limit: float = 60.0
@@ -90,6 +93,13 @@ class MoAConfig:
             raise ValueError(f"text_fraction must be in (0, 1], got {self.text_fraction}")
         if not self.length_powers or not self.density_scales:
             raise ValueError("length_powers and density_scales each need at least one value (e.g. [0.0] and [1.0])")
+        if not self.task_weights:
+            raise ValueError("task_weights needs at least one weighting ({} weighs every task equally)")
+        for weighting in self.task_weights:
+            if not isinstance(weighting, dict) or any(
+                not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 for v in weighting.values()
+            ):
+                raise ValueError(f"each task_weights entry maps task names to weights >= 0, got {weighting!r}")
         if any(not 0.0 < s <= 1.0 for s in self.density_scales):
             raise ValueError(f"density_scales must lie in (0, 1] (plans never exceed the budget), got {self.density_scales}")
         if self.score_length is not None and self.score_length < 0:
@@ -150,10 +160,12 @@ class SearchOutcome:
     solver: dict[str, object]
     budget: float = 0.0
     measured_loss: float | None = None
+    task_weights: dict[str, float] = field(default_factory=dict)
 
     def record(self) -> dict[str, object]:
         return {
-            "name": self.name, "budget": self.budget, "length_weights": self.length_weights, "estimated_loss": self.estimated,
+            "name": self.name, "budget": self.budget, "length_weights": self.length_weights,
+            "task_weights": self.task_weights, "estimated_loss": self.estimated,
             "density": self.density, "measured_loss": self.measured_loss, "solver": self.solver,
         }
 
@@ -248,24 +260,47 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
     started = time.perf_counter()
 
     # Profiles depend only on these settings: methods of one run (e.g. several budgets) share them through ctx.cache.
+    # They are kept per task, so that task weightings are mixed at search time without profiling again.
     key = ("moa-profiles", config.sink, config.text_fraction, config.align_answers, config.answer_tokens)
     if key not in ctx.cache:
         samples = ctx.calibration_samples
         if config.align_answers:
             samples = model_aligned_samples(model, samples, config.answer_tokens)
         aligned = time.perf_counter() - started
-        profiles = profile_influence(model, samples, sink=config.sink, text_fraction=config.text_fraction, chunk=config.chunk)
-        ctx.cache[key] = (samples, profiles, aligned, time.perf_counter() - started - aligned)
-    samples, profiles, align_seconds, profile_seconds = ctx.cache[key]
+        by_task = {
+            task: profile_influence(model, [s for s in samples if s.task == task], sink=config.sink,
+                                    text_fraction=config.text_fraction, chunk=config.chunk)
+            for task in dict.fromkeys(s.task for s in samples)
+        }
+        ctx.cache[key] = (samples, by_task, aligned, time.perf_counter() - started - aligned)
+    samples, by_task, align_seconds, profile_seconds = ctx.cache[key]
     profiled_at = time.perf_counter()
-    lengths = list(profiles)
+    unknown = sorted({t for w in config.task_weights for t in w} - set(by_task))
+    if unknown:
+        raise CompressorError(
+            f"MoA task_weights name {', '.join(map(repr, unknown))}, but the calibration samples hold only the tasks "
+            f"{', '.join(map(repr, by_task))} (recipe calibration.source)"
+        )
+    lengths = sorted({n for profiles in by_task.values() for n in profiles})
 
+    def weighted(weighting: dict[str, float]) -> dict[int, InfluenceProfile]:
+        return {
+            n: merge_profiles([(profiles[n], float(weighting.get(task, 1.0)))
+                               for task, profiles in by_task.items() if n in profiles])
+            for n in lengths
+        }
+
+    profiles = weighted({})  # every sample counted once: the dense loss and the records
     rules = candidate_rules(config, lengths)
-    loss = estimated_loss(profiles, rules, config.influence)
     outcomes: list[SearchOutcome] = []
     skipped: list[dict[str, object]] = []
-    variants = [(p, s) for s in config.density_scales for p in config.length_powers]
-    for power, scale in variants:
+    variants = [(p, s, t) for t in range(len(config.task_weights)) for s in config.density_scales for p in config.length_powers]
+    losses: dict[int, np.ndarray] = {}
+    for power, scale, t in variants:
+        weighting = config.task_weights[t]
+        if t not in losses:
+            losses[t] = estimated_loss(profiles if not weighting else weighted(weighting), rules, config.influence)
+        loss = losses[t]
         weights = [round((n / max(lengths)) ** power, 6) for n in lengths]
         try:
             heads, solver = search_plan(
@@ -283,9 +318,12 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
             for k, n in enumerate(lengths)
         }
         plan = plan_from_heads(model, heads)
-        outcomes.append(SearchOutcome(f"power={power:g},budget={scale * config.density:.4g}", weights, heads, estimated,
+        name = f"power={power:g},budget={scale * config.density:.4g}"
+        if weighting:
+            name += ",tasks=" + "/".join(f"{k}:{v:g}" for k, v in sorted(weighting.items()))
+        outcomes.append(SearchOutcome(name, weights, heads, estimated,
                                       {str(n): round(plan.density(n), 6) for n in lengths}, solver,
-                                      budget=scale * config.density))
+                                      budget=scale * config.density, task_weights=dict(weighting)))
     searched_at = time.perf_counter()
 
     score_length = _score_length(config, model, lengths)
@@ -326,6 +364,7 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
         "tied_kv_groups": tie,
         "max_rules_per_layer": config.max_rules_per_layer,
         "influence": config.influence,
+        "tasks": {task: {str(n): p.samples for n, p in profiles.items()} for task, profiles in by_task.items()},
         "scoring": scoring,
         "plans": [o.record() for o in outcomes],
         "skipped": skipped,
