@@ -57,6 +57,9 @@ def main_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="folder for the compressed checkpoint and compression_plan.json")
     _add_device(p)
     p.add_argument("--seed", type=int, help="overrides the recipe's calibration seed")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one recipe setting (repeatable), e.g. --set calibration.samples=16 "
+                        "--set linear.sensitivity_samples=1; the plan records the recipe as it ran")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--no-report", action="store_true", help="do not write report.html into --output")
     return p
@@ -115,7 +118,7 @@ def run_compress(args: argparse.Namespace) -> int:
 
     plan, out = compress(
         args.model, args.recipe, args.output, device=args.device, dtype=args.dtype, seed=args.seed,
-        overwrite=args.overwrite, report=not args.no_report, log=log,
+        overwrite=args.overwrite, report=not args.no_report, log=log, overrides=args.overrides,
     )
     if out is None:
         print(plan.to_json())

@@ -75,9 +75,13 @@ def compress(
     overwrite: bool = False,
     report: bool = True,
     log: Any = print,
+    overrides: list[str] | tuple[str, ...] = (),
 ) -> tuple[Plan, Path | None]:
-    """Run the recipe on the model; write the checkpoint + plan to ``output`` (if given). Returns (plan, output)."""
-    parsed = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    """Run the recipe on the model; write the checkpoint + plan to ``output`` (if given). Returns (plan, output).
+    ``overrides``: ``SECTION.KEY=VALUE`` settings applied to a recipe given by name or path (``compress --set``)."""
+    if overrides and isinstance(recipe, Recipe):
+        raise ValueError("overrides apply to a recipe name or path, not to a parsed Recipe (change its fields instead)")
+    parsed = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
     if seed is not None:
         parsed.calibration.seed = seed
     if output is not None:

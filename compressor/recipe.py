@@ -11,6 +11,8 @@ the section fills that method's config dataclass. Unknown keys and wrong types a
 
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 import importlib.resources
 import types
@@ -89,14 +91,42 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     )
 
 
-def load_recipe(name_or_path: str) -> Recipe:
-    """Read and validate a recipe file or built-in recipe name."""
+def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read and validate a recipe file or built-in recipe name; ``overrides``: ``SECTION.KEY=VALUE`` strings applied
+    to the document first (:func:`apply_overrides`), so the plan records the recipe as it ran."""
     path = resolve_recipe_path(name_or_path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
+    if overrides:
+        data = apply_overrides(data, overrides)
     return parse_recipe(data, default_name=path.stem)
+
+
+def apply_overrides(data: Any, overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """A copy of the recipe document with each ``dotted.key=value`` set (the value read as YAML: ``2``, ``0.5``,
+    ``true``, ``[1024, 2048]``, ``{passkey: 4}``); missing sections are created. Validation is parse_recipe's."""
+    out = copy.deepcopy(data) if isinstance(data, dict) else {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise RecipeError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. linear.sensitivity_samples=2")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise RecipeError(f"--set {item!r}: the value is not valid YAML: {err}") from None
+        node = out
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {item!r}: `{'.'.join(parts[: depth + 1])}` is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
 
 
 def parse_recipe(data: Any, default_name: str = "recipe") -> Recipe:

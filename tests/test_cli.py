@@ -27,13 +27,14 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
 
 def test_compress_load_show_export_and_eval_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "tiny-window"
-    assert main(["--model", str(tiny_model_dir), "--recipe", "window", "--output", str(out), "--no-report"]) == 0
+    assert main(["--model", str(tiny_model_dir), "--recipe", "window", "--output", str(out), "--no-report",
+                 "--set", "attention.density=0.3"]) == 0
     logged = capsys.readouterr()
     stages = [line for line in (logged.out + logged.err).splitlines() if line.startswith("stages: ")]
     assert len(stages) == 1 and "load " in stages[0] and "attention:window " in stages[0] and ", save " in stages[0]
     plan = Plan.load(out)
-    assert plan.recipe["name"] == "window"
-    assert 0.4 < plan.density(4096) <= 0.5
+    assert plan.recipe["name"] == "window" and plan.recipe["source"]["attention"]["density"] == 0.3
+    assert 0.2 < plan.density(4096) <= 0.3
     assert plan.calibration["software"]["transformers"]
     model, tokenizer = compressor.load(str(out), device="cpu")
     assert model.config._attn_implementation == "compressor"

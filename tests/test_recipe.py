@@ -56,3 +56,28 @@ def test_malformed_yaml(tmp_path):
 def test_int_is_accepted_where_a_float_is_expected():
     recipe = parse_recipe({"attention": {"method": "window", "density": 1}})
     assert recipe.attention.density == 1.0 and isinstance(recipe.attention.density, float)
+
+
+def test_set_overrides_a_builtin_recipe_and_is_validated_like_the_file():
+    from compressor.recipe import apply_overrides
+
+    recipe = load_recipe("w4a8", ["calibration.samples=8", "linear.sensitivity_samples=1", "linear.candidates=[bf16, w4a8]"])
+    assert recipe.calibration.samples == 8
+    assert recipe.linear.sensitivity_samples == 1 and recipe.linear.candidates == ["bf16", "w4a8"]
+    assert recipe.source["calibration"]["samples"] == 8  # the plan records the recipe as it ran
+    assert load_recipe("w4a8").calibration.samples == 128  # the built-in file is untouched
+
+    added = load_recipe("dense", ["attention.method=window", "attention.density=0.3"])
+    assert added.attention.density == 0.3
+    doc = {"linear": {"method": "vidit-q"}}
+    assert apply_overrides(doc, ["linear.task_weights={passkey: 4}"])["linear"]["task_weights"] == {"passkey": 4}
+    assert doc == {"linear": {"method": "vidit-q"}}
+
+    with pytest.raises(RecipeError, match="linear.sensitivty_samples"):
+        load_recipe("w4a8", ["linear.sensitivty_samples=1"])
+    with pytest.raises(RecipeError, match="expected SECTION.KEY=VALUE"):
+        load_recipe("w4a8", ["linear.sensitivity_samples"])
+    with pytest.raises(RecipeError, match="`calibration.samples` is a value, not a section"):
+        load_recipe("w4a8", ["calibration.samples.x=1"])
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe("w4a8", ["linear.candidates=[bf16"])
