@@ -41,6 +41,10 @@ def apply(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
         from compressor.linear_quant import apply_linear_plan
 
         apply_linear_plan(model, plan)
+        if next(model.parameters()).is_cuda:  # the fused norm pays only where the Triton activation pass runs
+            from compressor.linear_quant.norm_fusion import fuse_input_norms
+
+            fuse_input_norms(model)
     if model.config._attn_implementation != ATTENTION_NAME:
         model.compressor_base_attention = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from compressor.kernels.quant_activation import MAX_HADAMARD_BLOCK, hadamard_rotate, quantize_activation
-from compressor.kernels.quant_reference import FP8_MAX, INT8_MAX, fp8_dtype, quant_linear_reference
+from compressor.kernels.quant_reference import FP8_MAX, INT8_MAX, fp8_dtype, quant_linear_reference, rms_norm_reference
 from compressor.kernels.triton_support import interpreting, next_pow2, triton_available
 
 SMALL_M = 16  # at most this many tokens: narrow-N decode tiles (M padded to the MMA's 16 rows)
@@ -50,9 +50,22 @@ def _fallback(reason: str) -> None:
         warnings.warn(f"quantized linear: {reason}; running the PyTorch reference instead", stacklevel=3)
 
 
-def activation_codes(x2: torch.Tensor, act_dtype: str, hadamard_block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token codes and scales of ``x2: [M, K]`` after the optional online Hadamard rotation."""
-    return quantize_activation(hadamard_rotate(x2, hadamard_block) if hadamard_block else x2, act_dtype)
+Norm = tuple[torch.Tensor, float]  # (RMSNorm weight [K], eps): a norm applied inside the activation pass
+
+
+def rms_norm(x: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """``x`` through the RMSNorm ``norm`` (computed in float32, returned in ``x``'s dtype)."""
+    return rms_norm_reference(x, norm[0], norm[1]).to(x.dtype)
+
+
+def activation_codes(
+    x2: torch.Tensor, act_dtype: str, hadamard_block: int, norm: Norm | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token codes and scales of ``x2: [M, K]`` after the optional RMSNorm (fused into the pass) and online
+    Hadamard rotation."""
+    if norm is None:
+        return quantize_activation(hadamard_rotate(x2, hadamard_block) if hadamard_block else x2, act_dtype)
+    return quantize_activation(x2, act_dtype, norm_weight=norm[0], eps=norm[1], hadamard_block=hadamard_block)
 
 
 class ActivationMemo:
@@ -69,15 +82,18 @@ class ActivationMemo:
         self._key: tuple = ()
         self._codes: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def codes(self, source: torch.Tensor, x2: torch.Tensor, act_dtype: str, hadamard_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def codes(
+        self, source: torch.Tensor, x2: torch.Tensor, act_dtype: str, hadamard_block: int, norm: Norm | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``activation_codes(x2, ...)`` for ``x2``, a 2-D view of ``source``; reused when ``source`` was seen last,
-        unchanged (same version)."""
+        unchanged (same version), with the same format, rotation and norm."""
+        norm_key = (id(norm[0]), float(norm[1])) if norm is not None else None
         try:
-            key = (source._version, act_dtype, hadamard_block)
+            key = (source._version, act_dtype, hadamard_block, norm_key)
         except RuntimeError:  # an inference-mode tensor has no version counter: in-place writes are invisible
-            return activation_codes(x2, act_dtype, hadamard_block)
+            return activation_codes(x2, act_dtype, hadamard_block, norm)
         if self._source is None or self._source() is not source or self._key != key:
-            codes = activation_codes(x2, act_dtype, hadamard_block)
+            codes = activation_codes(x2, act_dtype, hadamard_block, norm)
             self.clear()
             self._source, self._key, self._codes = weakref.ref(source, self._forget), key, codes
         return self._codes
@@ -288,17 +304,21 @@ def _decode_linear(
 def _fast_linear(
     x2: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, act_dtype: str,
     group_size: int, hadamard_block: int, out_dtype: torch.dtype, backend: str,
-    shared: tuple[ActivationMemo, torch.Tensor] | None = None,
+    shared: tuple[ActivationMemo, torch.Tensor] | None = None, norm: Norm | None = None,
 ) -> torch.Tensor:
-    """``shared``: ``(memo, x)`` when the activation codes of ``x`` (whose 2-D view is ``x2``) may come from a memo."""
+    """``shared``: ``(memo, x)`` when the activation codes of ``x`` (whose 2-D view is ``x2``) may come from a memo;
+    ``norm``: an RMSNorm to apply to ``x2`` first (fused into the activation pass above 16 tokens)."""
     m = x2.shape[0]
     int4 = weight_q.dtype == torch.int32
     if m <= SMALL_M:
+        if norm is not None:  # the decode kernels take no norm
+            x2 = rms_norm(x2, norm)
         xin = hadamard_rotate(x2, hadamard_block) if hadamard_block else x2
         if int4 or backend != "torch":
             return _decode_linear(xin, weight_q, weight_scale, bias, act_dtype, group_size, hadamard_block, out_dtype)
         return torch_gemm(*quantize_activation(xin, act_dtype), weight_q, weight_scale, bias, out_dtype)
-    codes = shared[0].codes(shared[1], x2, act_dtype, hadamard_block) if shared else activation_codes(x2, act_dtype, hadamard_block)
+    codes = (shared[0].codes(shared[1], x2, act_dtype, hadamard_block, norm) if shared
+             else activation_codes(x2, act_dtype, hadamard_block, norm))
     if not int4 and (backend == "torch" or (backend == "auto" and act_dtype == "fp8")):
         return torch_gemm(*codes, weight_q, weight_scale, bias, out_dtype)
     return triton_gemm(*codes, weight_q, weight_scale, bias, out_dtype, group_size)
@@ -307,9 +327,13 @@ def _fast_linear(
 def quant_linear(
     x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
     act_dtype: str = "int8", group_size: int = 0, hadamard_block: int = 0, out_dtype: torch.dtype | None = None,
-    backend: str = "auto", memo: ActivationMemo | None = None,
+    backend: str = "auto", memo: ActivationMemo | None = None, norm: Norm | None = None,
 ) -> torch.Tensor:
-    """``y = Q(rotate(x)) @ W^T + bias`` for ``x: [..., K]``; fast kernels on CUDA, the reference elsewhere.
+    """``y = Q(rotate(norm(x))) @ W^T + bias`` for ``x: [..., K]``; fast kernels on CUDA, the reference elsewhere.
+
+    ``norm``: ``(weight, eps)`` of an RMSNorm the caller left to this layer (None: ``x`` is used as it is). Above 16
+    tokens it runs inside the activation quantization pass: one read of ``x`` instead of the norm's read and write
+    and the quantizer's read.
 
     ``backend``: ``auto`` (the faster measured path per case; falls back to the reference with a warning if a kernel
     fails), ``triton`` or ``torch`` (cuBLAS for the 8-bit GEMM); these two raise instead of falling back.
@@ -324,6 +348,7 @@ def quant_linear(
             raise ValueError(f"quantized linear: {reason} (backend={backend!r})")
         if x.is_cuda:
             _fallback(reason)
+        x = rms_norm(x, norm) if norm is not None else x
         return quant_linear_reference(x, weight_q, weight_scale, bias, act_dtype, group_size, hadamard_block, out_dtype)
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] == 0:
@@ -332,10 +357,11 @@ def quant_linear(
         x2 = x2.contiguous()
     try:
         y = _fast_linear(x2, weight_q, weight_scale, bias, act_dtype, group_size, hadamard_block, out_dtype, backend,
-                         (memo, x) if memo is not None else None)
+                         (memo, x) if memo is not None else None, norm)
     except Exception as err:  # a Triton build that rejects a kernel: keep the model running, say why once
         if backend != "auto":
             raise
         _fallback(f"the Triton kernels failed ({type(err).__name__}: {str(err)[:200]})")
+        x = rms_norm(x, norm) if norm is not None else x
         return quant_linear_reference(x, weight_q, weight_scale, bias, act_dtype, group_size, hadamard_block, out_dtype)
     return y.reshape(*x.shape[:-1], weight_q.shape[0])

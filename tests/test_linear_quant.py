@@ -292,3 +292,60 @@ def test_fp8_refused_on_old_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     with pytest.raises(CompressorError, match="compute capability >= 8.9"):
         check_device_supports(["w8a8-fp8"], torch.device("cuda"))
+
+
+def test_rmsnorm_left_to_its_quantized_readers_gives_the_same_model(monkeypatch):
+    """The deferred norm hands q/k/v and gate/up its raw input above 16 tokens and they normalise it themselves: same
+    logits, same state dict; few tokens, a bf16 reader or an inference-mode tensor keep the norm where it was."""
+    from compressor.linear_quant import norm_fusion
+
+    monkeypatch.setattr(norm_fusion, "defers", lambda x: True)  # what CUDA does, through the CPU reference here
+    model = tiny_llama()
+    plan = uniform_plan(model, "w8a8-int8")
+    plan.layers[1].linear.pop("mlp.up_proj")  # layer 1's gate/up: one bf16 reader keeps its norm in place
+    fused = apply_linear_plan(copy.deepcopy(model), plan)
+    plain = copy.deepcopy(fused)
+    keys = list(fused.state_dict())
+
+    assert norm_fusion.fuse_input_norms(fused) == 3
+    assert norm_fusion.fuse_input_norms(fused) == 0  # idempotent
+    assert isinstance(fused.model.layers[1].post_attention_layernorm, type(plain.model.layers[1].post_attention_layernorm))
+    assert list(fused.state_dict()) == keys
+
+    calls = []
+    for layer in fused.model.layers:
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            norm = getattr(layer, name)
+            if isinstance(norm, norm_fusion.DeferredRMSNorm):
+                monkeypatch.setattr(norm.original, "forward", lambda x, f=norm.original.forward: calls.append(1) or f(x))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(IDS).logits, plain(IDS).logits, rtol=1e-4, atol=1e-4)  # 96 tokens: deferred
+        assert not calls
+        short = IDS[:1, :8]
+        torch.testing.assert_close(fused(short).logits, plain(short).logits, rtol=1e-4, atol=1e-4)
+        assert len(calls) == 3  # 8 tokens: each deferred norm ran itself once
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(IDS).logits, plain(IDS).logits, rtol=1e-4, atol=1e-4)
+        assert len(calls) == 6
+
+    norm = fused.model.layers[0].input_layernorm
+    x = torch.randn(40, norm.weight.shape[0])
+    assert norm(x) is x and norm.norm_for(x) is not None
+    assert norm.norm_for(x.clone()) is None  # another tensor
+    x.mul_(2.0)
+    assert norm.norm_for(x) is None  # written in place since
+
+
+def test_only_llama_style_rmsnorms_are_deferred():
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    from compressor.linear_quant.norm_fusion import rms_norm_eps
+
+    model = tiny_llama()
+    assert rms_norm_eps(model.model.layers[0].input_layernorm) == model.config.rms_norm_eps
+    assert rms_norm_eps(GemmaRMSNorm(8)) is None  # scales by 1 + weight
+    assert rms_norm_eps(nn.LayerNorm(8)) is None
+    model.config.model_type = "phi3"
+    from compressor.linear_quant.norm_fusion import fuse_input_norms
+
+    assert fuse_input_norms(apply_linear_plan(model, uniform_plan(model, "w8a8-int8"))) == 0

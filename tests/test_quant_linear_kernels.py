@@ -300,6 +300,36 @@ def test_sibling_layers_share_one_activation_pass(monkeypatch, kind, group, hada
     assert memo._codes is None
 
 
+@pytest.mark.parametrize("kind,group,hadamard", [("int8", 0, 0), ("int4", 64, 0), ("int8", 0, 64)])
+@pytest.mark.parametrize("tokens", [38, 3])
+def test_rmsnorm_inside_the_activation_pass(monkeypatch, kind, group, hadamard, tokens):
+    """``norm=``: the layer normalises its raw input itself (fused into the activation pass above 16 tokens, in
+    PyTorch before the decode kernels): the reference of the normalised input; siblings with the same norm share
+    one pass, and another norm is another pass."""
+    from compressor.kernels import quant_linear as ql
+
+    monkeypatch.setattr(ql, "unsupported_reason", lambda *a: None)
+    passes = []
+    real = ql.quantize_activation
+    monkeypatch.setattr(ql, "quantize_activation", lambda *a, **k: passes.append(k.get("norm_weight")) or real(*a, **k))
+    memo = ql.ActivationMemo()
+    x = torch.randn(tokens, K) * 3 + 1
+    norm = (torch.rand(K) + 0.5, 1e-5)
+    normed = ref.rms_norm_reference(x, *norm)
+    layers = [weights(kind, n, group=group, seed=i) for i, n in enumerate((67, 32))]
+    for wq, s, g, act in layers:
+        out = ql.quant_linear(x, wq, s, None, act, g, hadamard, torch.float32, memo=memo, norm=norm)
+        assert_matches_reference(out, normed, wq, s, None, act, g, hadamard)
+    if tokens > ql.SMALL_M:
+        assert len(passes) == 1 and passes[0] is norm[0]  # one fused pass for both layers
+        other = (norm[0] * 2, 1e-5)
+        out = ql.quant_linear(x, *layers[0][:2], None, layers[0][3], layers[0][2], hadamard, torch.float32, memo=memo,
+                              norm=other)
+        assert len(passes) == 2
+        assert_matches_reference(out, ref.rms_norm_reference(x, *other), *layers[0][:2], None, layers[0][3], layers[0][2],
+                                 hadamard)
+
+
 def test_activation_memo_is_skipped_at_decode_sizes_and_for_inference_tensors(monkeypatch):
     from compressor.kernels import quant_linear as ql
 

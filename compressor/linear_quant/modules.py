@@ -137,8 +137,13 @@ class QuantLinear(nn.Module):
         """The float32 weight the quantized one stands for (rotated, balanced as stored)."""
         return ref.dequantize_weight(self.quantized_weight(), self.scales(), self.precision.group_size)
 
+    # A DeferredRMSNorm (compressor.linear_quant.norm_fusion) this layer applies itself when its input is one the
+    # norm passed on unnormalised; held in a tuple so that it is not a submodule (no second copy in the state dict).
+    _input_norm: tuple = ()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        norm = self._input_norm[0].norm_for(x) if self._input_norm else None
         x2 = x.reshape(-1, shape[-1])
         if self.input_scale is not None:
             x2 = x2 * self.input_scale.to(x2.dtype)
@@ -150,8 +155,11 @@ class QuantLinear(nn.Module):
             y = fast.quant_linear(
                 x if shared else x2, self.quantized_weight(), self.scales(), self.bias, act_dtype=p.act,
                 group_size=p.group_size, hadamard_block=self.hadamard_block, memo=_shared_codes() if shared else None,
+                norm=norm,
             )
         else:
+            if norm is not None:
+                x2 = ref.rms_norm_reference(x2, *norm).to(x2.dtype)
             y = ref.quant_linear_reference(
                 x2, self.quantized_weight(), self.scales(), self.bias, p.act, p.group_size, self.hadamard_block
             )
