@@ -45,8 +45,9 @@ class MoAConfig:
     (dense counts as one) per layer; None = no cap. tie_kv_groups: one rule per KV group (None: on for GQA models).
     Candidate plans: one per (p in length_powers, s in density_scales, t in task_weights), minimising the estimated
     loss weighted by (N / longest N)^p per length under the budget s * density, each calibration sample's influence
-    weighted by t[its task] (tasks not named: 1; e.g. ``{passkey: 4}`` makes retrieval answers count 4x). score_length: held-out length for choosing among plans (None: twice the
-    longest calibration length, capped at the model's context; 0: do not score, keep the first plan).
+    weighted by t[its task] (tasks not named: 1; e.g. ``{passkey: 4}`` makes retrieval answers count 4x).
+    score_length: held-out length for choosing among plans (None: twice the longest calibration length, capped at the
+    model's context; 0: do not score, keep the first plan).
     """
 
     density: float = 0.5
@@ -294,7 +295,8 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
     rules = candidate_rules(config, lengths)
     outcomes: list[SearchOutcome] = []
     skipped: list[dict[str, object]] = []
-    variants = [(p, s, t) for t in range(len(config.task_weights)) for s in config.density_scales for p in config.length_powers]
+    variants = [(p, s, t) for t in range(len(config.task_weights))
+                for s in config.density_scales for p in config.length_powers]
     losses: dict[int, np.ndarray] = {}
     for power, scale, t in variants:
         weighting = config.task_weights[t]
@@ -311,7 +313,8 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
             if scale == max(config.density_scales):  # the recipe's own budget: the user must hear of it
                 raise
             # a tighter trade-off point below what the rules can reach: skip it, keep the others
-            skipped.append({"power": power, "budget": scale * config.density, "reason": str(err)})
+            skipped.append({"power": power, "budget": scale * config.density, "task_weights": dict(weighting),
+                            "reason": str(err)})
             continue
         estimated = {
             str(n): float(sum(loss[l, h, rules.index(p), k] for l, row in enumerate(heads) for h, p in enumerate(row)))
