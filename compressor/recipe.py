@@ -12,7 +12,6 @@ the section fills that method's config dataclass. Unknown keys and wrong types a
 from __future__ import annotations
 
 import copy
-
 import dataclasses
 import importlib.resources
 import types

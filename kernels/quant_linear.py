@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from compressor.kernels.quant_activation import MAX_HADAMARD_BLOCK, hadamard_rotate, quantize_activation
-from compressor.kernels.quant_reference import FP8_MAX, INT8_MAX, fp8_dtype, quant_linear_reference, rms_norm_reference
+from compressor.kernels.quant_reference import FP8_MAX, INT8_MAX, fp8_dtype, quant_linear_reference, rms_norm_as_input
 from compressor.kernels.triton_support import interpreting, next_pow2, triton_available
 
 SMALL_M = 16  # at most this many tokens: narrow-N decode tiles (M padded to the MMA's 16 rows)
@@ -53,19 +53,13 @@ def _fallback(reason: str) -> None:
 Norm = tuple[torch.Tensor, float]  # (RMSNorm weight [K], eps): a norm applied inside the activation pass
 
 
-def rms_norm(x: torch.Tensor, norm: Norm) -> torch.Tensor:
-    """``x`` through the RMSNorm ``norm`` (computed in float32, returned in ``x``'s dtype)."""
-    return rms_norm_reference(x, norm[0], norm[1]).to(x.dtype)
-
-
 def activation_codes(
     x2: torch.Tensor, act_dtype: str, hadamard_block: int, norm: Norm | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token codes and scales of ``x2: [M, K]`` after the optional RMSNorm (fused into the pass) and online
     Hadamard rotation."""
-    if norm is None:
-        return quantize_activation(hadamard_rotate(x2, hadamard_block) if hadamard_block else x2, act_dtype)
-    return quantize_activation(x2, act_dtype, norm_weight=norm[0], eps=norm[1], hadamard_block=hadamard_block)
+    weight, eps = norm if norm is not None else (None, 1e-6)
+    return quantize_activation(x2, act_dtype, norm_weight=weight, eps=eps, hadamard_block=hadamard_block)
 
 
 class ActivationMemo:
@@ -312,7 +306,7 @@ def _fast_linear(
     int4 = weight_q.dtype == torch.int32
     if m <= SMALL_M:
         if norm is not None:  # the decode kernels take no norm
-            x2 = rms_norm(x2, norm)
+            x2 = rms_norm_as_input(x2, *norm)
         xin = hadamard_rotate(x2, hadamard_block) if hadamard_block else x2
         if int4 or backend != "torch":
             return _decode_linear(xin, weight_q, weight_scale, bias, act_dtype, group_size, hadamard_block, out_dtype)
@@ -348,7 +342,7 @@ def quant_linear(
             raise ValueError(f"quantized linear: {reason} (backend={backend!r})")
         if x.is_cuda:
             _fallback(reason)
-        x = rms_norm(x, norm) if norm is not None else x
+        x = rms_norm_as_input(x, *norm) if norm is not None else x
         return quant_linear_reference(x, weight_q, weight_scale, bias, act_dtype, group_size, hadamard_block, out_dtype)
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] == 0:
@@ -362,6 +356,6 @@ def quant_linear(
         if backend != "auto":
             raise
         _fallback(f"the Triton kernels failed ({type(err).__name__}: {str(err)[:200]})")
-        x = rms_norm(x, norm) if norm is not None else x
+        x = rms_norm_as_input(x, *norm) if norm is not None else x
         return quant_linear_reference(x, weight_q, weight_scale, bias, act_dtype, group_size, hadamard_block, out_dtype)
     return y.reshape(*x.shape[:-1], weight_q.shape[0])

@@ -79,6 +79,11 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
 
 
+def rms_norm_as_input(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`rms_norm_reference` returned in ``x``'s dtype: what a layer that was handed the norm feeds its path."""
+    return rms_norm_reference(x, weight, eps).to(x.dtype)
+
+
 def quantize_activation_reference(
     x: torch.Tensor,
     dtype: str = "int8",

@@ -159,7 +159,7 @@ class QuantLinear(nn.Module):
             )
         else:
             if norm is not None:
-                x2 = ref.rms_norm_reference(x2, *norm).to(x2.dtype)
+                x2 = ref.rms_norm_as_input(x2, *norm)
             y = ref.quant_linear_reference(
                 x2, self.quantized_weight(), self.scales(), self.bias, p.act, p.group_size, self.hadamard_block
             )

@@ -301,7 +301,7 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
     for power, scale, t in variants:
         weighting = config.task_weights[t]
         if t not in losses:
-            losses[t] = estimated_loss(profiles if not weighting else weighted(weighting), rules, config.influence)
+            losses[t] = estimated_loss(weighted(weighting), rules, config.influence)
         loss = losses[t]
         weights = [round((n / max(lengths)) ** power, 6) for n in lengths]
         try:
