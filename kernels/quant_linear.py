@@ -273,9 +273,10 @@ def torch_gemm(
 
 def _decode_linear(
     x2: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, act_dtype: str,
-    group_size: int, hadamard_block: int, out_dtype: torch.dtype,
+    group_size: int, hadamard_block: int, out_dtype: torch.dtype, counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """M <= 16 tokens (``x2`` already rotated) along :func:`decode_route`'s route."""
+    """M <= 16 tokens (``x2`` already rotated) along :func:`decode_route`'s route; ``counters``: the GEMV's
+    split-K counters (``quant_gemv``)."""
     m, k = x2.shape
     int4 = weight_q.dtype == torch.int32
     route = decode_route("w4a8" if int4 else act_dtype, m, k, weight_q.shape[0], hadamard_block)
@@ -285,10 +286,10 @@ def _decode_linear(
         pdl = None if route.pdl else False  # None: where the GPU has it (sm_90+, not under the interpreter)
         if route.scale_inside:
             return quant_gemv(x2, weight_q, weight_scale, bias, act_dtype, group_size, out_dtype, config=route.config,
-                              pdl=pdl)
+                              pdl=pdl, counters=counters)
         a_q, a_s = quantize_activation(x2, act_dtype)
         return quant_gemv(a_q, weight_q, weight_scale, bias, act_dtype, group_size, out_dtype, x_scale=a_s,
-                          config=route.config, pdl=pdl)
+                          config=route.config, pdl=pdl, counters=counters)
     if m <= FUSED_MAX_M:
         return triton_linear_fused(x2, weight_q, weight_scale, bias, act_dtype, group_size, out_dtype)
     a_q, a_s = quantize_activation(x2, act_dtype)
@@ -299,6 +300,7 @@ def _fast_linear(
     x2: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, act_dtype: str,
     group_size: int, hadamard_block: int, out_dtype: torch.dtype, backend: str,
     shared: tuple[ActivationMemo, torch.Tensor] | None = None, norm: Norm | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``shared``: ``(memo, x)`` when the activation codes of ``x`` (whose 2-D view is ``x2``) may come from a memo;
     ``norm``: an RMSNorm to apply to ``x2`` first (fused into the activation pass above 16 tokens)."""
@@ -309,7 +311,8 @@ def _fast_linear(
             x2 = rms_norm_as_input(x2, *norm)
         xin = hadamard_rotate(x2, hadamard_block) if hadamard_block else x2
         if int4 or backend != "torch":
-            return _decode_linear(xin, weight_q, weight_scale, bias, act_dtype, group_size, hadamard_block, out_dtype)
+            return _decode_linear(xin, weight_q, weight_scale, bias, act_dtype, group_size, hadamard_block, out_dtype,
+                                  counters)
         return torch_gemm(*quantize_activation(xin, act_dtype), weight_q, weight_scale, bias, out_dtype)
     codes = (shared[0].codes(shared[1], x2, act_dtype, hadamard_block, norm) if shared
              else activation_codes(x2, act_dtype, hadamard_block, norm))
@@ -322,6 +325,7 @@ def quant_linear(
     x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
     act_dtype: str = "int8", group_size: int = 0, hadamard_block: int = 0, out_dtype: torch.dtype | None = None,
     backend: str = "auto", memo: ActivationMemo | None = None, norm: Norm | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = Q(rotate(norm(x))) @ W^T + bias`` for ``x: [..., K]``; fast kernels on CUDA, the reference elsewhere.
 
@@ -332,6 +336,7 @@ def quant_linear(
     ``backend``: ``auto`` (the faster measured path per case; falls back to the reference with a warning if a kernel
     fails), ``triton`` or ``torch`` (cuBLAS for the 8-bit GEMM); these two raise instead of falling back.
     ``memo``: shared with the layers that read the same ``x`` (above 16 tokens; module docstring).
+    ``counters``: the decode GEMV's split-K counters, owned by the calling layer (``quant_gemv``; None: per call).
     """
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
@@ -351,7 +356,7 @@ def quant_linear(
         x2 = x2.contiguous()
     try:
         y = _fast_linear(x2, weight_q, weight_scale, bias, act_dtype, group_size, hadamard_block, out_dtype, backend,
-                         (memo, x) if memo is not None else None, norm)
+                         (memo, x) if memo is not None else None, norm, counters)
     except Exception as err:  # a Triton build that rejects a kernel: keep the model running, say why once
         if backend != "auto":
             raise

@@ -172,10 +172,10 @@ def _fused_row_scale(x_ptr, rows, K, stride_xm, BLOCK_M: tl.constexpr, CHUNK: tl
 
 
 @triton.jit
-def _a_tile(a_ptr, rows, k0, K, stride_am, a_scale, BLOCK_K: tl.constexpr, A_FUSED: tl.constexpr,
-            MASK_K: tl.constexpr, IS_FP8: tl.constexpr, QMAX: tl.constexpr):
-    """The ``[BLOCK_M, BLOCK_K]`` activation codes at k0: loaded, or (A_FUSED) quantized here from float x."""
-    offs = k0 + tl.arange(0, BLOCK_K)
+def _a_tile(a_ptr, rows, offs, K, stride_am, a_scale, A_FUSED: tl.constexpr, MASK_K: tl.constexpr,
+            IS_FP8: tl.constexpr, QMAX: tl.constexpr):
+    """The activation codes ``[BLOCK_M, len(offs)]`` at the k offsets ``offs``: loaded, or (A_FUSED) quantized here
+    from float x."""
     ptrs = a_ptr + rows[:, None] * stride_am + offs[None, :]
     if MASK_K:
         a = tl.load(ptrs, mask=offs[None, :] < K, other=0.0)
@@ -237,7 +237,8 @@ def quant_gemm_kernel(
         for g in range(n_groups):
             gs = gs_next
             gs_next = tl.load(ws_ptr + cols * stride_wsn + tl.minimum(g + 1, n_groups - 1))
-            a = _a_tile(a_ptr, rows, g * BLOCK_K, K, stride_am, a_scale, BLOCK_K, A_FUSED, False, False, QMAX)
+            a = _a_tile(a_ptr, rows, g * BLOCK_K + tl.arange(0, BLOCK_K), K, stride_am, a_scale, A_FUSED, False, False,
+                        QMAX)
             w = _int4_tile(b_ptr, cols, g, stride_bn, BLOCK_K)
             acc += tl.dot(a, w, out_dtype=tl.int32).to(tl.float32) * gs[None, :]
     else:
@@ -246,7 +247,8 @@ def quant_gemm_kernel(
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
-            a = _a_tile(a_ptr, rows, k0, K, stride_am, a_scale, BLOCK_K, A_FUSED, not EVEN_K, IS_FP8, QMAX)
+            a = _a_tile(a_ptr, rows, k0 + tl.arange(0, BLOCK_K), K, stride_am, a_scale, A_FUSED, not EVEN_K, IS_FP8,
+                        QMAX)
             b = _w8_tile(b_ptr, cols, k0, K, stride_bn, BLOCK_K, not EVEN_K)
             if IS_FP8:
                 acc = tl.dot(a, b, acc)

@@ -43,10 +43,11 @@ W8_TILES = [
     (32, 256, 4, 4), (32, 256, 4, 6), (32, 512, 4, 3), (32, 512, 4, 4), (32, 512, 8, 4),
     (64, 256, 4, 4), (64, 256, 8, 3), (64, 128, 4, 6),
 ]
-# int4: BLOCK_K is the group (128), so a stage is only BLOCK_N x 64 bytes: wider N tiles and deeper pipelines.
+# int4: BLOCK_K is the group (128), so a stage is only BLOCK_N x 64 bytes: wider N tiles (the per-step costs that do
+# not grow with N, the activation codes and the group's correction, spread over more weight) and deeper pipelines.
 W4_TILES = [
-    (16, 128, 4, 8), (32, 128, 4, 6), (32, 128, 4, 9), (64, 128, 4, 6), (64, 128, 4, 8), (64, 128, 8, 8),
-    (128, 128, 4, 6), (128, 128, 8, 8),
+    (32, 128, 4, 6), (64, 128, 4, 4), (64, 128, 4, 6), (64, 128, 4, 8), (128, 128, 4, 3), (128, 128, 4, 4),
+    (128, 128, 4, 6), (128, 128, 8, 4), (256, 128, 4, 3), (256, 128, 4, 4), (256, 128, 8, 3), (256, 128, 8, 4),
 ]
 SPLITS = (1, 2, 4, 8, 16)
 MIN_PROGRAM_BYTES = 16 * 1024  # a split program streams at least this much weight
@@ -145,7 +146,7 @@ def hadamard_diagnostics(k: int, n: int, rule: SweepRun) -> list[SweepRun]:
 def run_fn(run: SweepRun) -> Callable:
     """``f(x, weights) -> y`` (bf16) for ``bench_graph``; ``weights`` maps a precision to (weight_q, scale, group, act)."""
     from compressor.kernels.quant_activation import hadamard_rotate, quantize_activation
-    from compressor.kernels.quant_gemv import quant_gemv
+    from compressor.kernels.quant_gemv import gemv_counters_needed, quant_gemv
     from compressor.kernels.quant_linear import FUSED_MAX_M, triton_gemm, triton_linear_fused
 
     def old(x, p):
@@ -153,12 +154,18 @@ def run_fn(run: SweepRun) -> Callable:
             return triton_linear_fused(x, p[0], p[1], None, p[3], p[2], torch.bfloat16)
         return triton_gemm(*quantize_activation(x, p[3]), p[0], p[1], None, torch.bfloat16, p[2])
 
+    counters = {}  # the layer's split-K counters, made once (as QuantLinear does): no fill launch per call
+
     def gemv(x, p):
         pdl = None if run.pdl else False
+        if x.device not in counters:
+            counters[x.device] = torch.zeros(gemv_counters_needed(p[0].shape[0]), dtype=torch.int32, device=x.device)
+        c = counters[x.device]
         if run.inside:
-            return quant_gemv(x, p[0], p[1], None, p[3], p[2], torch.bfloat16, config=run.config, pdl=pdl)
+            return quant_gemv(x, p[0], p[1], None, p[3], p[2], torch.bfloat16, config=run.config, pdl=pdl, counters=c)
         a_q, a_s = quantize_activation(x, p[3])
-        return quant_gemv(a_q, p[0], p[1], None, p[3], p[2], torch.bfloat16, x_scale=a_s, config=run.config, pdl=pdl)
+        return quant_gemv(a_q, p[0], p[1], None, p[3], p[2], torch.bfloat16, x_scale=a_s, config=run.config, pdl=pdl,
+                          counters=c)
 
     body = {"bf16": lambda x, p: x @ p[0].t(), "old": old, "gemv": gemv}[run.kind.removeprefix("rot+")]
     if run.kind.startswith("rot+"):

@@ -57,13 +57,20 @@ def make_weights(w: torch.Tensor) -> dict:
 
 def paths() -> list[Path]:
     from compressor.kernels.quant_activation import quantize_activation
-    from compressor.kernels.quant_gemv import quant_gemv
+    from compressor.kernels.quant_gemv import gemv_counters_needed, quant_gemv
     from compressor.kernels.quant_linear import (
         FUSED_MAX_M, GEMV_INLINE_SCALE_MAX_M, SMALL_M, quant_linear, triton_gemm, triton_linear_fused,
     )
 
+    def counters(x, p):  # a layer's split-K counters for the decode GEMV, made once per weight (as QuantLinear does)
+        key = (x.device, p[0].data_ptr())
+        if key not in _COUNTERS:
+            _COUNTERS[key] = torch.zeros(gemv_counters_needed(p[0].shape[0]), dtype=torch.int32, device=x.device)
+        return _COUNTERS[key]
+
     def layer(backend: str, hadamard: int = 0):
-        return lambda x, p, od: quant_linear(x, p[0], p[1], None, p[3], p[2], hadamard, od, backend)
+        return lambda x, p, od: quant_linear(x, p[0], p[1], None, p[3], p[2], hadamard, od, backend,
+                                             counters=counters(x, p))
 
     def old_decode(x, p, od):  # the decode path before quant_gemv: fused GEMM up to 4 tokens, else two launches
         if x.shape[0] <= FUSED_MAX_M:
@@ -74,9 +81,9 @@ def paths() -> list[Path]:
         """The decode GEMV on float x (scale inside) or on codes from the activation kernel."""
         def run(x, p, od):
             if inline:
-                return quant_gemv(x, p[0], p[1], None, p[3], p[2], od, pdl=pdl)
+                return quant_gemv(x, p[0], p[1], None, p[3], p[2], od, pdl=pdl, counters=counters(x, p))
             a_q, a_s = quantize_activation(x, p[3])
-            return quant_gemv(a_q, p[0], p[1], None, p[3], p[2], od, x_scale=a_s, pdl=pdl)
+            return quant_gemv(a_q, p[0], p[1], None, p[3], p[2], od, x_scale=a_s, pdl=pdl, counters=counters(x, p))
         return run
 
     decode = lambda m: m <= SMALL_M  # noqa: E731
@@ -132,6 +139,7 @@ def bench_graph(run: Callable, x: torch.Tensor, weight_sets: list, rep: int = 40
 
 
 GRAPH_COPIES = 8
+_COUNTERS: dict = {}  # (device, weight pointer) -> the decode GEMV counters of that layer
 
 
 def ceilings() -> dict[str, float]:

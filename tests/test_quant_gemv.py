@@ -189,3 +189,37 @@ def test_decode_route_rejects_an_unknown_kernel():
 
     with pytest.raises(ValueError, match="'gemm' or 'gemv'"):
         DecodeRoute("cublas")
+
+
+def test_gemv_leaves_the_layers_counters_zeroed():
+    """A layer's own split-K counters: every call resets them, so the next call (no fill in between) is right too."""
+    wq, s, group, act = weights("int4", 384, 64)
+    counters = torch.zeros(8, dtype=torch.int32)
+    for m in (1, 5, 1):
+        x = torch.randn(m, 384)
+        out = quant_gemv(x, wq, s, None, act, group, torch.float32, config=tiles(3), counters=counters)
+        assert_matches_reference(out, x, wq, s, None, act, group)
+        assert not counters.any()
+
+
+def test_gemv_refuses_counters_it_cannot_use():
+    wq, s, group, act = weights("int8", 256)
+    with pytest.raises(ValueError, match="counters must be int32 with >= 3 elements"):
+        quant_gemv(torch.randn(1, 256), wq, s, None, act, group, torch.float32, config=tiles(2),
+                   counters=torch.zeros(2, dtype=torch.int32))
+
+
+def test_quant_linear_module_makes_its_counters_once(monkeypatch):
+    from compressor.kernels.quant_gemv import gemv_counters_needed
+    from compressor.linear_quant.modules import QuantLinear
+
+    layer = QuantLinear(256, N, "w4a8")
+    x = torch.randn(2, 256)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    assert layer._counters(x) is None  # made during a graph capture, it would be zeroed only when the graph replays
+    monkeypatch.undo()
+    first = layer._counters(x)
+    assert first.dtype == torch.int32 and first.numel() == gemv_counters_needed(N) and not first.any()
+    assert layer._counters(x) is first
+    assert "_gemv_counters" not in layer.state_dict()

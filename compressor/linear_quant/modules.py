@@ -140,6 +140,23 @@ class QuantLinear(nn.Module):
     # A DeferredRMSNorm (compressor.linear_quant.norm_fusion) this layer applies itself when its input is one the
     # norm passed on unnormalised; held in a tuple so that it is not a submodule (no second copy in the state dict).
     _input_norm: tuple = ()
+    # The decode GEMV's split-K arrival counters on the device of the last CUDA call (see ``_counters``).
+    _gemv_counters: torch.Tensor | None = None
+
+    def _counters(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Zeroed int32 counters for the decode GEMV on x's device, made once per layer and left zeroed by every call
+        (kernels/quant_gemv.py), so a decode step launches no fill. Not a buffer: never in a state dict. None (the
+        kernel then zeroes its own) when the first call comes while a CUDA graph is being captured: a tensor made
+        then would be filled only when the graph replays."""
+        c = self._gemv_counters
+        if c is None or c.device != x.device:
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                return None
+            from compressor.kernels.quant_gemv import gemv_counters_needed
+
+            c = self._gemv_counters = torch.zeros(gemv_counters_needed(self.out_features), dtype=torch.int32,
+                                                  device=x.device)
+        return c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -155,7 +172,7 @@ class QuantLinear(nn.Module):
             y = fast.quant_linear(
                 x if shared else x2, self.quantized_weight(), self.scales(), self.bias, act_dtype=p.act,
                 group_size=p.group_size, hadamard_block=self.hadamard_block, memo=_shared_codes() if shared else None,
-                norm=norm,
+                norm=norm, counters=self._counters(x2) if x2.shape[0] <= fast.SMALL_M else None,
             )
         else:
             if norm is not None:
