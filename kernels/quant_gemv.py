@@ -256,16 +256,17 @@ def _sm_count(device_index: int) -> int:
 
 
 def gemv_config(m: int, n: int, k: int, group_size: int, sms: int = 132) -> dict:
-    """Tiles for the decode GEMV. BLOCK_N: narrow for one to four tokens (many programs), wider above, where every N
-    tile re-reads the activation; then K is split until ~1.5 programs per SM are in flight (a split costs a zeroed
-    counter per tile, one small fill)."""
-    if group_size:  # int4: a K step is one group, so steps are small; deep pipelines keep enough bytes in flight
-        block_n, block_k, stages = (32 if m <= 4 else 64), group_size, (6 if group_size >= 128 else 8)
+    """Tiles for the decode GEMV where no route was measured. int8 / fp8: BLOCK_N narrow for one to four tokens (many
+    programs), wider above, where every N tile re-reads the activation; K split until ~1.5 programs per SM. int4: wide
+    N tiles (each step's activation work spread over more weight) and K split until ~3 programs per SM, up to 16
+    (the H200 sweep's best W4A8 tiles: 2-4 programs per SM)."""
+    if group_size:
+        block_n, block_k, stages, per_sm, max_split = (128 if m <= 4 else 64), group_size, 4, 3.0, 16
     else:
-        block_n, block_k, stages = (16 if m <= 4 else 64), 256, 4
+        block_n, block_k, stages, per_sm, max_split = (16 if m <= 4 else 64), 256, 4, 1.5, MAX_SPLIT_K
     tiles, steps = -(-n // block_n), -(-k // block_k)
     split = 1
-    while 2 * tiles * split < 3 * sms and split * 2 <= min(MAX_SPLIT_K, steps):
+    while tiles * split < per_sm * sms and split * 2 <= min(max_split, steps):
         split *= 2
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=stages)
 

@@ -115,24 +115,28 @@ class DecodeRoute:
 
 
 OLD_DECODE = DecodeRoute("gemm")
-# (precision "int8" / "fp8" / "w4a8", M bucket: 1 for M <= GEMV_INLINE_SCALE_MAX_M else 16, K, N) -> route. Only
-# where the H200 sweep (scripts/results/quant_gemv_sweep_h200.md, CUDA-graph replay, activation quantization
-# included) measured the GEMV at least 3% faster than the narrow-tile GEMM; fp8 was not swept and keeps the GEMM.
-def _gemv(n: int, k: int, split: int, stages: int, scale_inside: bool, pdl: bool) -> DecodeRoute:
-    tiles = {"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split, "num_warps": 4, "num_stages": stages}
+# (precision "int8" / "fp8" / "w4a8", M bucket: 1 for M <= GEMV_INLINE_SCALE_MAX_M else 16, K, N) -> route. Where the
+# H200 sweep (scripts/results/quant_gemv_sweep_h200.md, CUDA-graph replay, activation quantization included) measured
+# the GEMV at least 3% faster than the narrow-tile GEMM; fp8 was not swept and keeps the GEMM. W4A8 shapes not listed
+# take the GEMV with gemv_config's tiles (every W4A8 case measured 1.4-3.1x faster than the GEMM).
+def _gemv(n: int, k: int, split: int, warps: int, stages: int, scale_inside: bool, pdl: bool) -> DecodeRoute:
+    tiles = {"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split, "num_warps": warps, "num_stages": stages}
     return DecodeRoute("gemv", tiles, scale_inside=scale_inside, pdl=pdl)
 
 
 DECODE_ROUTES: dict[tuple[str, int, int, int], DecodeRoute] = {
-    ("int8", 1, 4096, 4096): _gemv(32, 256, 1, 4, True, True),  # 0.0118 ms vs 0.0128 (bf16 0.0145)
-    ("int8", 1, 14336, 4096): _gemv(32, 512, 4, 3, True, False),  # 0.0264 vs 0.0304 (bf16 0.0332)
-    ("int8", 16, 14336, 4096): _gemv(32, 256, 1, 6, False, True),  # 0.0270 vs 0.0281 (bf16 0.0341)
-    ("w4a8", 1, 4096, 4096): _gemv(64, 128, 8, 6, True, False),  # 0.0145 vs 0.0160 (bf16 0.0145)
-    ("w4a8", 16, 4096, 4096): _gemv(32, 128, 4, 6, False, False),  # 0.0169 vs 0.0177 (bf16 0.0147)
-    ("w4a8", 1, 4096, 6144): _gemv(128, 128, 8, 6, True, False),  # 0.0176 vs 0.0199 (bf16 0.0166)
-    ("w4a8", 16, 4096, 6144): _gemv(64, 128, 8, 6, False, False),  # 0.0198 vs 0.0210 (bf16 0.0171)
-    ("w4a8", 1, 14336, 4096): _gemv(128, 128, 16, 6, True, False),  # 0.0324 vs 0.0557 (bf16 0.0332)
-    ("w4a8", 16, 14336, 4096): _gemv(32, 128, 8, 6, False, False),  # 0.0356 vs 0.0492 (bf16 0.0341)
+    ("int8", 1, 4096, 4096): _gemv(64, 256, 8, 4, 4, True, True),  # 0.0103 ms vs 0.0121 (bf16 0.0145)
+    ("int8", 1, 4096, 6144): _gemv(64, 256, 2, 4, 4, True, True),  # 0.0132 vs 0.0138 (bf16 0.0166)
+    ("int8", 1, 14336, 4096): _gemv(64, 256, 8, 8, 3, True, True),  # 0.0242 vs 0.0304 (bf16 0.0326)
+    ("int8", 16, 14336, 4096): _gemv(32, 256, 2, 4, 4, False, False),  # 0.0267 vs 0.0290 (bf16 0.0334)
+    ("w4a8", 1, 4096, 4096): _gemv(128, 128, 16, 4, 4, True, True),  # 0.0094 vs 0.0161 (bf16 0.0145)
+    ("w4a8", 16, 4096, 4096): _gemv(64, 128, 4, 4, 4, False, False),  # 0.0124 vs 0.0178 (bf16 0.0146)
+    ("w4a8", 1, 4096, 6144): _gemv(128, 128, 8, 8, 4, True, True),  # 0.0108 vs 0.0197 (bf16 0.0166)
+    ("w4a8", 16, 4096, 6144): _gemv(64, 128, 4, 4, 4, False, False),  # 0.0134 vs 0.0211 (bf16 0.0170)
+    ("w4a8", 1, 4096, 28672): _gemv(256, 128, 2, 8, 3, True, True),  # 0.0280 vs 0.0483 (bf16 0.0571)
+    ("w4a8", 16, 4096, 28672): _gemv(64, 128, 1, 4, 4, False, False),  # 0.0290 vs 0.0502 (bf16 0.0576)
+    ("w4a8", 1, 14336, 4096): _gemv(256, 128, 16, 8, 3, True, True),  # 0.0183 vs 0.0566 (bf16 0.0326)
+    ("w4a8", 16, 14336, 4096): _gemv(64, 128, 8, 4, 4, False, False),  # 0.0223 vs 0.0492 (bf16 0.0334)
 }
 
 
@@ -142,12 +146,15 @@ def decode_bucket(m: int) -> int:
 
 
 def decode_route(precision: str, m: int, k: int, n: int, hadamard_block: int = 0) -> DecodeRoute:
-    """The measured route for ``m <= 16`` tokens of a ``k -> n`` layer (``precision``: int8, fp8 or w4a8); the
-    narrow-tile GEMM where nothing was measured. A rotated input (online Hadamard: fp32 x) always takes the GEMM:
+    """The measured route for ``m <= 16`` tokens of a ``k -> n`` layer (``precision``: int8, fp8 or w4a8); where
+    nothing was measured, the GEMV with ``gemv_config``'s tiles for w4a8 and the narrow-tile GEMM otherwise. A rotated input (online Hadamard: fp32 x) always takes the GEMM:
     the GEMV on the rotated row measured 5x slower (0.072 vs 0.015 ms at 4096->4096, M = 1)."""
     if hadamard_block:
         return OLD_DECODE
-    return DECODE_ROUTES.get((precision, decode_bucket(m), k, n), OLD_DECODE)
+    route = DECODE_ROUTES.get((precision, decode_bucket(m), k, n))
+    if route is None:
+        route = DecodeRoute("gemv", scale_inside=m <= GEMV_INLINE_SCALE_MAX_M) if precision == "w4a8" else OLD_DECODE
+    return route
 
 
 def _cdiv(a: int, b: int) -> int:

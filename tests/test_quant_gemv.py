@@ -172,7 +172,7 @@ def test_quant_linear_routes_measured_decode_shapes_to_the_gemv(monkeypatch):
     assert calls == [True, False]
 
 
-def test_unmeasured_shapes_and_rotated_inputs_keep_the_narrow_tile_gemm(monkeypatch):
+def test_unmeasured_8bit_shapes_and_rotated_inputs_keep_the_narrow_tile_gemm(monkeypatch):
     from compressor.kernels import quant_linear as ql
 
     gemv = ql.DecodeRoute("gemv", scale_inside=True)
@@ -182,6 +182,10 @@ def test_unmeasured_shapes_and_rotated_inputs_keep_the_narrow_tile_gemm(monkeypa
     assert ql.decode_route("int8", 5, 4096, 4096).kernel == "gemm"
     assert ql.decode_route("int8", 1, 4096, 6144).kernel == "gemm"
     assert ql.decode_route("int8", 1, 4096, 4096, hadamard_block=128).kernel == "gemm"
+    unmeasured_int4 = ql.decode_route("w4a8", 1, 576, 1536)  # int4 takes the GEMV with gemv_config's tiles
+    assert unmeasured_int4.kernel == "gemv" and unmeasured_int4.config is None and unmeasured_int4.scale_inside
+    assert not ql.decode_route("w4a8", 9, 576, 1536).scale_inside
+    assert ql.decode_route("w4a8", 1, 576, 1536, hadamard_block=64).kernel == "gemm"
 
 
 def test_decode_route_rejects_an_unknown_kernel():
