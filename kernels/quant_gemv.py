@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from compressor.kernels.quant_reference import FP8_MAX, INT8_MAX
-from compressor.kernels.quant_triton import _a_tile, _codes, _fused_row_scale, _row_scale, _w8_tile
+from compressor.kernels.quant_triton import _a_tile, _codes, _fused_row_scale, _nibbles, _row_scale, _w8_tile
 from compressor.kernels.triton_support import interpreting, next_pow2
 
 BLOCK_M = 16  # the MMA's rows: tokens beyond M wrap onto real rows (their results are never stored)
@@ -73,26 +73,6 @@ def _packed_group(w_ptr, cols, g, stride_wn, GROUP: tl.constexpr):
     """Group g of the packed int4 weight (bytes ``[N, K / 2]``): ``[BLOCK_N, GROUP / 2]`` bytes, contiguous along k."""
     offs = g * (GROUP // 2) + tl.arange(0, GROUP // 2)
     return tl.load(w_ptr + cols[:, None] * stride_wn + offs[None, :])
-
-
-@triton.jit
-def _nibbles(byte, ASM: tl.constexpr):
-    """Packed int4 bytes ``[BLOCK_N, GROUP / 2]`` (byte i: k = 2i in the low nibble, 2i + 1 in the high one, each
-    stored as value + 8) as two int8 tiles ``[GROUP / 2, BLOCK_N]``: 16 x the signed values of the even k and of the
-    odd k. Flipping a nibble's top bit turns value + 8 into the value's 4-bit two's complement; placed in the high
-    half of a byte it reads as 16 x the value, so no sign extension and no offset correction is needed (the MMA's
-    sums are exact multiples of 16). Nothing is interleaved: the activations are split by parity instead. ASM (the
-    GPU): a shift and two XOR-ANDs per 32-bit word unpack four bytes; the interpreter runs the same arithmetic per
-    byte."""
-    if ASM:
-        lo, hi = tl.inline_asm_elementwise(
-            "{ .reg .b32 a, b; shl.b32 a, $2, 4; xor.b32 b, $2, 0x80808080; xor.b32 a, a, 0x80808080; "
-            "and.b32 $0, a, 0xF0F0F0F0; and.b32 $1, b, 0xF0F0F0F0; }",
-            "=r,=r,r", [byte], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
-    else:
-        lo = (((byte << 4) ^ 0x80) & 0xF0).to(tl.int8, bitcast=True)
-        hi = ((byte ^ 0x80) & 0xF0).to(tl.int8, bitcast=True)
-    return tl.trans(lo), tl.trans(hi)
 
 
 @triton.jit

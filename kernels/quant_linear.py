@@ -31,6 +31,7 @@ import torch
 
 from compressor.kernels.quant_activation import MAX_HADAMARD_BLOCK, hadamard_rotate, quantize_activation
 from compressor.kernels.quant_reference import FP8_MAX, INT8_MAX, fp8_dtype, quant_linear_reference, rms_norm_as_input
+from compressor.kernels import triton_support
 from compressor.kernels.triton_support import interpreting, next_pow2, triton_available
 
 SMALL_M = 16  # at most this many tokens: narrow-N decode tiles (M padded to the MMA's 16 rows)
@@ -204,7 +205,8 @@ def _launch_gemm(
     small = m <= SMALL_M
     fused = a_scale is None
     meta = dict(A_FUSED=fused, W_INT4=int4, IS_FP8=act_dtype == "fp8", HAS_BIAS=bias is not None,
-                QMAX=FP8_MAX if act_dtype == "fp8" else INT8_MAX)
+                QMAX=FP8_MAX if act_dtype == "fp8" else INT8_MAX,
+                ASM=not triton_support.interpreting())  # the interpreter runs no PTX
     if small:
         meta["BLOCK_M"] = next_pow2(m)
     rows = meta.get("BLOCK_M", 16)  # the fused absmax pass: one long chunk for a token or few (registers allow)

@@ -199,15 +199,23 @@ def _w8_tile(b_ptr, cols, k0, K, stride_bn, BLOCK_K: tl.constexpr, MASK_K: tl.co
 
 
 @triton.jit
-def _int4_tile(b_ptr, cols, g, stride_bn, GROUP: tl.constexpr):
-    """Group g of the packed int4 weight as int8 ``[GROUP, BLOCK_N]`` in k order. ``b_ptr`` is the packed tensor seen
-    as bytes ``[N, K / 2]``: byte i holds k = 2i (low nibble) and 2i + 1, each stored as value + 8. The bytes are read
-    once, contiguously along k (16 bytes per thread), and unpacked in registers."""
-    offs = g * (GROUP // 2) + tl.arange(0, GROUP // 2)
-    byte = tl.load(b_ptr + cols[:, None] * stride_bn + offs[None, :])
-    lo = (byte & 0xF).to(tl.int8) - 8
-    hi = (byte >> 4).to(tl.int8) - 8
-    return tl.trans(tl.interleave(lo, hi).to(tl.int8))
+def _nibbles(byte, ASM: tl.constexpr):
+    """Packed int4 bytes ``[BLOCK_N, GROUP / 2]`` (byte i: k = 2i in the low nibble, 2i + 1 in the high one, each
+    stored as value + 8) as two int8 tiles ``[GROUP / 2, BLOCK_N]``: 16 x the signed values of the even k and of the
+    odd k. Flipping a nibble's top bit turns value + 8 into the value's 4-bit two's complement; placed in the high
+    half of a byte it reads as 16 x the value, so no sign extension and no offset correction is needed (the MMA's
+    sums are exact multiples of 16). Nothing is interleaved: the activations are split by parity instead. ASM (the
+    GPU): a shift and two XOR-ANDs per 32-bit word unpack four bytes; the interpreter runs the same arithmetic per
+    byte."""
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 a, b; shl.b32 a, $2, 4; xor.b32 b, $2, 0x80808080; xor.b32 a, a, 0x80808080; "
+            "and.b32 $0, a, 0xF0F0F0F0; and.b32 $1, b, 0xF0F0F0F0; }",
+            "=r,=r,r", [byte], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    else:
+        lo = (((byte << 4) ^ 0x80) & 0xF0).to(tl.int8, bitcast=True)
+        hi = ((byte ^ 0x80) & 0xF0).to(tl.int8, bitcast=True)
+    return tl.trans(lo), tl.trans(hi)
 
 
 @triton.jit
@@ -215,7 +223,7 @@ def quant_gemm_kernel(
     a_ptr, as_ptr, b_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_wsn, stride_cm, M_KEY,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_FUSED: tl.constexpr, AMAX_CHUNK: tl.constexpr, W_INT4: tl.constexpr, IS_FP8: tl.constexpr,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, QMAX: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, QMAX: tl.constexpr, ASM: tl.constexpr,
 ):
     """``C = (A @ B^T) * a_scale[m] * w_scale[n] + bias`` for int8 / fp8 ``A: [M, K]`` (or, with A_FUSED, float x
     quantized per token inside the kernel: one launch for decode) and ``B: [N, K]`` int8 / fp8, or packed int4 with
@@ -239,8 +247,12 @@ def quant_gemm_kernel(
             gs_next = tl.load(ws_ptr + cols * stride_wsn + tl.minimum(g + 1, n_groups - 1))
             a = _a_tile(a_ptr, rows, g * BLOCK_K + tl.arange(0, BLOCK_K), K, stride_am, a_scale, A_FUSED, False, False,
                         QMAX)
-            w = _int4_tile(b_ptr, cols, g, stride_bn, BLOCK_K)
-            acc += tl.dot(a, w, out_dtype=tl.int32).to(tl.float32) * gs[None, :]
+            a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))  # k pairs sit in one thread: free
+            offs = g * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+            lo, hi = _nibbles(tl.load(b_ptr + cols[:, None] * stride_bn + offs[None, :]), ASM)
+            s = tl.dot(a_even, lo, out_dtype=tl.int32)
+            s = tl.dot(a_odd, hi, s, out_dtype=tl.int32)
+            acc += s.to(tl.float32) * (gs * 0.0625)[None, :]  # the MMAs summed 16 x the values (_nibbles)
     else:
         if IS_FP8:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
