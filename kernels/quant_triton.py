@@ -293,11 +293,14 @@ LARGE_W8 = [  # M > 16, int8 / fp8 weights: Hopper wgmma tiles, 8 warps = two wa
     _cfg(4, 5, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
 ]
 LARGE_W4 = [  # M > 16, packed int4 weights; BLOCK_K is the group size, set by the caller. Two accumulators (the
-    # group's int32 and the fp32 sum) plus the unpack live in registers: 128x128 on 8 warps spills, these do not
+    # group's int32 and the fp32 sum), the unpacked nibbles and the activations split by parity live in registers:
+    # 128x128 and 256x64 on 8 warps spill (sm_90, offline compile), these do not. The small tiles give a few hundred
+    # programs at a few hundred tokens
     _cfg(8, 4, BLOCK_M=64, BLOCK_N=256, GROUP_M=8),
     _cfg(8, 4, BLOCK_M=128, BLOCK_N=64, GROUP_M=8),
-    _cfg(8, 4, BLOCK_M=256, BLOCK_N=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, GROUP_M=8),
+    _cfg(4, 3, BLOCK_M=32, BLOCK_N=128, GROUP_M=8),
 ]
 SMALL_W8 = [  # M <= 16 (BLOCK_M set by the caller): narrow N tiles so that N / BLOCK_N programs fill the GPU
     _cfg(4, 4, BLOCK_N=16, BLOCK_K=512, GROUP_M=1),
