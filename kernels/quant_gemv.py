@@ -52,6 +52,20 @@ def _token_scales(x_ptr, rows, K, stride_xm, BLOCK_M: tl.constexpr, ONE_ROW: tl.
 
 
 @triton.jit
+def _wait_then_token_scales(x_ptr, xs_ptr, rows, K, stride_xm, BLOCK_M: tl.constexpr, A_FLOAT: tl.constexpr,
+                            ONE_ROW: tl.constexpr, CHUNK: tl.constexpr, QMAX: tl.constexpr, GDC: tl.constexpr):
+    """After the grid-dependency wait (GDC: x comes from the previous kernel), the per-token scales: computed from
+    float x (A_FLOAT) or loaded beside the codes."""
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+    if A_FLOAT:
+        scale = _token_scales(x_ptr, rows, K, stride_xm, BLOCK_M, ONE_ROW, CHUNK, QMAX)
+    else:
+        scale = tl.load(xs_ptr + rows)
+    return scale
+
+
+@triton.jit
 def _act_codes(x_ptr, rows, offs, K, stride_xm, a_scale, BLOCK_M: tl.constexpr, MASK_K: tl.constexpr,
                A_FLOAT: tl.constexpr, ONE_ROW: tl.constexpr, IS_FP8: tl.constexpr, QMAX: tl.constexpr):
     """Activation codes ``[BLOCK_M, len(offs)]`` at the k offsets ``offs``: loaded, or (A_FLOAT) quantized here from
@@ -161,12 +175,8 @@ def quant_gemv_kernel(
         byte = _packed_group(w_ptr, cols, g_first, stride_wn, BLOCK_K)
         gs = tl.load(ws_ptr + cols * stride_wsn + g_first)
         gs_1 = tl.load(ws_ptr + cols * stride_wsn + g_first + tl.minimum(1, last))
-        if GDC:
-            tl.extra.cuda.gdc_wait()
-        if A_FLOAT:
-            a_scale = _token_scales(x_ptr, rows, K, stride_xm, BLOCK_M, ONE_ROW, AMAX_CHUNK, QMAX)
-        else:
-            a_scale = tl.load(xs_ptr + rows)
+        a_scale = _wait_then_token_scales(x_ptr, xs_ptr, rows, K, stride_xm, BLOCK_M, A_FLOAT, ONE_ROW, AMAX_CHUNK, QMAX,
+                                          GDC)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc = _int4_step(acc, byte, gs, x_ptr, rows, g_first * BLOCK_K, stride_xm, a_scale, BLOCK_M, BLOCK_K, A_FLOAT,
                          ONE_ROW, QMAX, ASM)
@@ -179,12 +189,8 @@ def quant_gemv_kernel(
     else:
         offs_k = tl.arange(0, BLOCK_K)
         w = _w8_tile(w_ptr, cols, k_first, K, stride_wn, BLOCK_K, not EVEN_K)
-        if GDC:
-            tl.extra.cuda.gdc_wait()
-        if A_FLOAT:
-            a_scale = _token_scales(x_ptr, rows, K, stride_xm, BLOCK_M, ONE_ROW, AMAX_CHUNK, QMAX)
-        else:
-            a_scale = tl.load(xs_ptr + rows)
+        a_scale = _wait_then_token_scales(x_ptr, xs_ptr, rows, K, stride_xm, BLOCK_M, A_FLOAT, ONE_ROW, AMAX_CHUNK, QMAX,
+                                          GDC)
         if IS_FP8:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         else:
