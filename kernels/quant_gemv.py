@@ -14,10 +14,11 @@ a CUDA graph costs 1-3 µs. So the kernel is shaped to keep bytes in flight and 
   an N tile to arrive (an atomic counter) sums them in split order, runs the epilogue and resets the counter, so the
   counters are allocated once (per layer) and no fill launch runs per call: deterministic, one launch in all;
 - int4 (packed 8 per int32, group scales): one group per K step. The packed bytes are never interleaved into k
-  order: the low nibbles (even k) and high nibbles (odd k) are two int8 operands, multiplied with the activations
-  of even and of odd k (two MMAs), unpacked by a shift and two ANDs per 32-bit word (the stored value + 8; the
-  exact int32 correction ``- 8 * sum(a)`` follows). The group's int32 sum is scaled once in fp32. Against the
-  interleaving version this is 313 instead of 801 SASS instructions per group step (sm_90, 128 x 64 bytes).
+  order: the low nibbles (even k) and high nibbles (odd k) are two int8 operands (``quant_triton._nibbles``: 16 x
+  the signed values, a shift and two XOR-ANDs per 32-bit word), multiplied with the activations of even and of odd k
+  (two MMAs). The group's exact int32 sum / 16 is scaled once in fp32. Against the interleaving version this is 239
+  instead of 801 SASS instructions per group step (sm_90, 128 x 64 bytes, 4 stages), and the weight bytes reach the
+  MMAs through Triton's pipeliner (16-byte asynchronous copies).
 """
 
 from __future__ import annotations
