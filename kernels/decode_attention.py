@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import torch
 
 from compressor.kernels.decode_launch import DecodeLaunch, decode_launch
-from compressor.kernels.triton_support import interpreting, jit_helpers, next_pow2, triton_available
+from compressor.kernels.triton_support import interpreting, jit_helpers, next_pow2, pdl_available, triton_available
 
 tl = None  # triton.language, bound by _triton_kernels() on first use
 
@@ -144,11 +144,16 @@ def _decode_chunk(
     kv_heads, programs, chunk_tokens, scale, softcap,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSED_MERGE: tl.constexpr, GROUP_P2: tl.constexpr,
-    SPLITS: tl.constexpr,
+    SPLITS: tl.constexpr, GDC: tl.constexpr,
 ):  # fmt: skip
     """One (chunk of one KV head, row): online softmax of the group's query heads over ``chunk_tokens`` of the stored
     tokens the group can see. A head cut into one chunk writes its output; others write a partial and its lse, and
-    with FUSED_MERGE the last of a head's programs to finish merges them (an arrival counter per row and KV head)."""
+    with FUSED_MERGE the last of a head's programs to finish merges them (an arrival counter per row and KV head).
+    GDC (programmatic dependent launch): wait for the kernel before (it wrote the new token's K/V and the lengths),
+    then let the merge launch start its programs, which wait in turn for this whole grid."""
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     r = tl.program_id(0)
     b = tl.program_id(1)
     g = tl.load(Table + r)
@@ -233,10 +238,13 @@ def _decode_chunk(
 
 def _decode_merge(
     OPart, LsePart, Table, Out, stride_outb, stride_outh, kv_heads, programs,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, GDC: tl.constexpr,
 ):  # fmt: skip
     """The merge as a second launch (``merge="separate"``): one program per (query head, row, BLOCK_D slice of the
-    head dim) of a KV head cut into several chunks, so that many chunks merge in parallel."""
+    head dim) of a KV head cut into several chunks, so that many chunks merge in parallel. GDC: launched early,
+    it waits here until the chunk launch has finished and its partials are visible."""
+    if GDC:
+        tl.extra.cuda.gdc_wait()
     h = tl.program_id(0)
     b = tl.program_id(1)
     g = h // GROUP
@@ -289,6 +297,7 @@ def decode_attention_triton(
     num_splits: int | None = None,
     merge: str | None = None,
     launch: DecodeLaunch | None = None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """The Triton kernel with the reference's arguments (runs on CPU tensors under TRITON_INTERPRET=1).
 
@@ -296,7 +305,8 @@ def decode_attention_triton(
     ``max_tokens`` (the largest ``sink_cap + ring_cap``) and every head is sized for it. ``length`` and ``window`` may
     be int32 or int64. No host synchronisation and no value-dependent allocation: a CUDA graph can capture it once
     the same shape ran eagerly. ``block_n``, ``num_splits`` and ``merge`` go to :func:`decode_launch`; ``launch``
-    overrides the cached launch plan (benchmarks).
+    overrides the cached launch plan (benchmarks). ``pdl``: programmatic dependent launch for both launches (None:
+    where the GPU has it, sm_90+), so that each starts while the kernel before it drains.
     """
     kern = _triton_kernels()
     batch, q_heads, head_dim = q.shape
@@ -327,6 +337,8 @@ def decode_attention_triton(
         o_part, lse_part = scratch[: parts * head_dim], scratch[parts * head_dim :]
     else:
         o_part = lse_part = out  # not read
+    pdl = pdl_available(q) if pdl is None else pdl
+    pdl_launch = {"launch_pdl": True} if pdl else {}
     kern.chunk[(programs, batch)](
         q, k_buf, v_buf, *layout, launch.table, length, sink, window, out, o_part, lse_part, launch.arrived,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
@@ -335,13 +347,13 @@ def decode_attention_triton(
         BLOCK_H=max(16, next_pow2(group)), BLOCK_N=launch.block_n, HAS_SOFTCAP=softcap is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FUSED_MERGE=launch.fused_merge,
         GROUP=group, HEAD_DIM=head_dim, GROUP_P2=next_pow2(group), SPLITS=launch.fused_merge_splits(group, head_dim),
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        GDC=pdl, num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_launch,
     )  # fmt: skip
     if launch.needs_merge and not launch.fused_merge:
         splits, block_d = launch.separate_merge_tiles(head_dim)
         kern.merge[(q_heads, batch, head_dim // block_d)](
             o_part, lse_part, launch.table, out, out.stride(0), out.stride(1), kv_heads, programs,
-            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS=splits, num_warps=4,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS=splits, GDC=pdl, num_warps=4, **pdl_launch,
         )  # fmt: skip
     return out
 

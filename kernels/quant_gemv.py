@@ -31,7 +31,7 @@ import triton.language as tl
 
 from compressor.kernels.quant_reference import FP8_MAX, INT8_MAX
 from compressor.kernels.quant_triton import _a_tile, _codes, _fused_row_scale, _nibbles, _row_scale, _w8_tile
-from compressor.kernels.triton_support import interpreting, next_pow2
+from compressor.kernels.triton_support import interpreting, next_pow2, pdl_available
 
 BLOCK_M = 16  # the MMA's rows: tokens beyond M wrap onto real rows (their results are never stored)
 
@@ -309,7 +309,7 @@ def quant_gemv(
     else:
         part = count = ws  # unused pointers
     if pdl is None:
-        pdl = not interpreting() and (not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (9, 0))
+        pdl = pdl_available(x)
     if pdl:
         launch["launch_pdl"] = True
     xs = x_scale.float().contiguous() if x_scale is not None else ws

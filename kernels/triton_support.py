@@ -38,6 +38,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def pdl_available(t) -> bool:
+    """Whether kernels on ``t``'s device can use programmatic dependent launch (sm_90+, not under the interpreter;
+    CPU tensors count as capable: that is the offline compile check, which builds for sm_90)."""
+    import torch
+
+    return not interpreting() and (not t.is_cuda or torch.cuda.get_device_capability(t.device) >= (9, 0))
+
+
 def require_launchable(device, interpret: bool) -> None:
     """Raise unless kernels can launch on ``device``: CUDA, or any device under the interpreter. The compile check
     (scripts/check_gpu_compile.py, which intercepts launches and only compiles them) sets COMPRESSOR_COMPILE_ONLY=1."""

@@ -5,11 +5,12 @@ weights built on the meta device and materialised on the GPU. Caches are filled 
 context length (decode speed does not depend on the values), so no prefill is timed.
 
 1. Kernel: our split-K decode kernel vs SDPA (dense, same context) and FlexAttention (same sink + window mask) on
-   one layer's shapes; "before" is the previous launch rule (about four programs per SM whatever fits, a second
-   launch to merge) on the same kernel. The cache layer step is timed with the fused store kernel and with the
-   torch ops it replaced. "graph" times are GPU times: calls back to back in one CUDA graph, cycling through enough
-   copies of the buffers that none is found in L2 (a model step evicts L2 between layers too). "eager" times are
-   one call at a time from Python (host overhead included). GB/s counts the K/V bytes the kernel must read.
+   one layer's shapes; "no PDL" is the same kernel and launch plan without programmatic dependent launch (each
+   launch waits for the one before to finish instead of starting its programs while it drains). The cache layer
+   step is timed with the fused store kernel and with the torch ops it replaced. "graph" times are GPU times: calls
+   back to back in one CUDA graph, cycling through enough copies of the buffers that none is found in L2 (a model
+   step evicts L2 between layers too). "eager" times are one call at a time from Python (host overhead included).
+   GB/s counts the K/V bytes the kernel must read.
 2. End to end: one decode step of the whole model (HF forward, one token per row), eager and replayed from a CUDA
    graph: latency, tokens/s, cache bytes vs the plan's ideal vs dense; the largest batch each cache fits. Before
    capturing, one eager step runs under ``torch.cuda.set_sync_debug_mode("error")`` to find host synchronisations.
@@ -170,15 +171,6 @@ def kernel_case(plan_name: str, n: int, batch: int) -> dict:
     return dict(q=q, bufs=bufs, args=args, read=read, dense=batch * KV_HEADS * n * HEAD_DIM * 2 * 2, capacity=capacity)
 
 
-def previous_launch(batch: int, capacity: tuple[int, ...], device: torch.device):
-    """The launch rule before the one-wave cost model: chunks for about four programs per SM (rounded up per head,
-    so often more than fit at once), merged by a second launch."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    tiles = sum(-(-cap // 64) for cap in capacity)
-    chunk_tiles = max(1, -(-batch * tiles // (4 * sms)))
-    return decode_launch(batch, capacity, device, block_n=64, chunk_tokens=chunk_tiles * 64, merge="separate")
-
-
 def launch_label(batch: int, launch) -> str:
     merge = "" if not launch.needs_merge else (", fused merge" if launch.fused_merge else ", merge launch")
     return f"{batch * launch.programs} x {launch.chunk_tokens}{merge}"
@@ -188,11 +180,9 @@ def time_ours(plan_name: str, n: int, batch: int) -> dict:
     case = kernel_case(plan_name, n, batch)
     q, bufs, args = case["q"], case["bufs"], case["args"]
     launch = decode_launch(batch, case["capacity"], q.device)
-    before = previous_launch(batch, case["capacity"], q.device)
-    row = {"launch": launch_label(batch, launch), "before_launch": launch_label(batch, before), "read": case["read"],
-           "dense": case["dense"]}  # fmt: skip
+    row = {"launch": launch_label(batch, launch), "read": case["read"], "dense": case["dense"]}
     row["ours_graph_us"] = graph_us([lambda k=k, v=v: decode_attention(q, k, v, **args) for k, v in bufs])
-    row["before_graph_us"] = graph_us([lambda k=k, v=v: decode_attention_triton(q, k, v, **args, launch=before) for k, v in bufs])
+    row["nopdl_graph_us"] = graph_us([lambda k=k, v=v: decode_attention_triton(q, k, v, **args, pdl=False) for k, v in bufs])
     k0, v0 = bufs[0]
     row["ours_eager_us"] = eager_us(lambda: decode_attention(q, k0, v0, **args))
     row["window"], row["sink"] = args["window"][0], args["sink"]
@@ -277,10 +267,10 @@ def kernel_section(contexts, batches, copy_bw: float) -> list[str]:
              "Target: SDPA dense / ours >= 0.7 / (share of keys read), both as GPU time (graph).", "",
              "Cache layer step: the whole decode step of one layer through PlanCacheLayer (store the new K/V, windows, "
              "kernel), in a graph.", "",
-             "| context | batch | plan | keys read | programs x chunk | ours graph µs | before: programs x chunk | "
-             "before graph µs | ours eager µs | cache layer step graph µs | layer step, torch store µs | "
+             "| context | batch | plan | keys read | programs x chunk | ours graph µs | no PDL graph µs | "
+             "ours eager µs | cache layer step graph µs | layer step, torch store µs | "
              "SDPA dense graph µs | SDPA eager µs | Flex (same mask) µs | speedup | target | ours GB/s | % of copy BW |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     flex_note = ""
     for n in contexts:
         for b in batches:
@@ -291,7 +281,7 @@ def kernel_section(contexts, batches, copy_bw: float) -> list[str]:
                 speedup, target = r["sdpa_graph_us"] / r["ours_graph_us"], 0.7 / share
                 gbps = r["read"] / (r["ours_graph_us"] * 1e-6) / 1e9
                 row = (f"| {n} | {b} | {p} | {share:.1%} | {r['launch']} | {r['ours_graph_us']:.1f} | "
-                       f"{r['before_launch']} | {r['before_graph_us']:.1f} | {r['ours_eager_us']:.1f} | "
+                       f"{r['nopdl_graph_us']:.1f} | {r['ours_eager_us']:.1f} | "
                        f"{r['layer_graph_us']:.1f} | {r['layer_torch_store_us']:.1f} | {r['sdpa_graph_us']:.1f} | "
                        f"{r['sdpa_eager_us']:.1f} | "
                        f"{r['flex_us']:.1f} | {speedup:.1f}x | {target:.1f}x{'' if speedup >= target else ' (missed)'} | "
