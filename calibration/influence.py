@@ -168,8 +168,12 @@ def capturing_attention(
     # The K/V repeat is only for this SDPA call (linear in length); the stored K/V stay per KV head.
     k_rep = key.repeat_interleave(group, dim=1) if group > 1 else key
     v_rep = value.repeat_interleave(group, dim=1) if group > 1 else value
-    out = F.scaled_dot_product_attention(query, k_rep, v_rep, is_causal=True, scale=scaling)
     store = getattr(module, "influence_capture", None)
+    pattern = None if store is None else store.get("pattern")
+    if pattern is None:
+        out = F.scaled_dot_product_attention(query, k_rep, v_rep, is_causal=True, scale=scaling)
+    else:
+        out = windowed_attention(query, k_rep, v_rep, *pattern, scale=scaling)
     if store is not None and out.requires_grad:
         out.retain_grad()
         store["q"], store["k"], store["v"], store["out"] = query.detach(), key.detach(), value.detach(), out
@@ -178,6 +182,50 @@ def capturing_attention(
 
 
 AttentionInterface.register(PROFILE_ATTENTION, capturing_attention)
+
+
+def windowed_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    sink: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Causal attention with per-head sink + window (the plan's patterns), differentiable, in linear memory.
+
+    query/key/value: [1, heads, tokens, dim] (K/V already one per query head); sink/alpha/beta: [heads] as in
+    :func:`compressor.kernels.reference.sparse_attention_reference` (dense heads: alpha = inf). Each chunk of queries
+    runs under activation checkpointing, so backward recomputes its scores instead of keeping them: what is saved
+    grows with the length, not its square.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    from compressor.kernels.reference import visible_mask, window_sizes
+
+    tokens = query.shape[2]
+    device = query.device
+    length = torch.tensor([tokens], device=device)
+    window = window_sizes(alpha.to(device), beta.to(device), length)  # [1, heads]
+    sink = sink.to(device, torch.int64)
+    if bool((window >= tokens).all()):
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale)
+    bounds = torch.zeros(1, dtype=torch.int64, device=device), length
+
+    def part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c0: int) -> torch.Tensor:
+        rows = torch.arange(c0, c0 + q.shape[2], device=device)
+        mask = visible_mask(rows, torch.arange(k.shape[2], device=device), sink=sink, window=window,
+                            kv_start=bounds[0], kv_end=bounds[1], causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+    outs = []
+    for c0 in range(0, tokens, chunk):
+        c1 = min(tokens, c0 + chunk)
+        args = (query[:, :, c0:c1], key[:, :, :c1], value[:, :, :c1], c0)
+        outs.append(checkpoint(part, *args, use_reentrant=False) if torch.is_grad_enabled() else part(*args))
+    return torch.cat(outs, dim=2)
 
 
 def _attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
@@ -258,8 +306,16 @@ def profile_sample(
     sink: int,
     text_fraction: float = 0.25,
     chunk: int = 128,
+    patterns: list[list[object]] | None = None,
 ) -> tuple[InfluenceProfile, float]:
-    """Influence histograms of one sequence (one forward + backward, then the chunked pass); returns (profile, loss)."""
+    """Influence histograms of one sequence (one forward + backward, then the chunked pass); returns (profile, loss).
+
+    ``patterns`` (per layer, per query head, e.g. a searched plan's): run the forward and backward with those sink +
+    window patterns applied, so that the estimates are taken at that operating point rather than at the dense model.
+    The table still prices each cut against the head's dense row, but with the activations and gradients of the
+    sparse model: a head whose far keys only matter once other heads have lost theirs (redundant retrieval heads)
+    can show it there, not at the dense model.
+    """
     modules = _attention_modules(model)
     layers = len(modules)
     device = next(model.parameters()).device
@@ -272,6 +328,16 @@ def profile_sample(
     try:
         for p in model.parameters():  # gradients w.r.t. activations only
             p.requires_grad_(False)
+        if patterns is not None:
+            if len(patterns) != len(modules):
+                raise CompressorError(f"profiling under a plan: {len(patterns)} layers of patterns for {len(modules)} "
+                                      "attention layers")
+            from compressor.attention_layers import layer_runtime
+
+            for idx in modules:
+                runtime = layer_runtime(idx, list(patterns[idx]), None)
+                if not runtime.all_dense:
+                    stores[idx]["pattern"] = (runtime.sink, runtime.alpha, runtime.beta)
         for idx, module in modules.items():
             module.influence_capture = stores[idx]
         model.set_attn_implementation(PROFILE_ATTENTION)
@@ -299,6 +365,7 @@ def profile_sample(
     with torch.no_grad():
         for idx in sorted(stores):
             store = stores[idx]
+            store.pop("pattern", None)
             out = store.pop("out")
             if out.grad is None:
                 raise CompressorError(f"layer {idx}: no gradient reached the attention output; cannot profile")
@@ -356,8 +423,10 @@ def profile_influence(
     text_fraction: float = 0.25,
     chunk: int = 128,
     progress: bool = False,
+    patterns: list[list[object]] | None = None,
 ) -> dict[int, InfluenceProfile]:
-    """Per input length, the influence histograms averaged over that length's samples."""
+    """Per input length, the influence histograms averaged over that length's samples (``patterns``: profile with
+    these patterns applied, see :func:`profile_sample`)."""
     if not samples:
         raise CompressorError("no calibration samples to profile; check the recipe's calibration section")
     by_length: dict[int, InfluenceProfile] = {}
@@ -367,7 +436,7 @@ def profile_influence(
 
         iterator = tqdm(samples, desc="influence", unit="sample")
     for sample in iterator:
-        one, _ = profile_sample(model, sample, sink, text_fraction, chunk)
+        one, _ = profile_sample(model, sample, sink, text_fraction, chunk, patterns=patterns)
         have = by_length.get(one.length)
         if have is None:
             by_length[one.length] = one

@@ -98,6 +98,10 @@ def main() -> None:
     parser.add_argument("--task-weights", nargs="+", default=[],
                         help="MoA task weightings to compare, each 'task:weight,...' or '-' (all tasks equal), one "
                              "search each (default: the recipe's)")
+    parser.add_argument("--refine-rounds", type=int, nargs="+", default=[],
+                        help="MoA refinement rounds to compare (re-profile at the chosen plan and search again); "
+                             "default: the recipe's")
+    parser.add_argument("--refine-mix", type=float, default=-1.0, help="override the recipe's refine_mix")
     parser.add_argument("--joint-weights", action="store_true",
                         help="one search over all --task-weights (held-out scoring picks), not one per weighting")
     parser.add_argument("--no-baselines", action="store_true",
@@ -151,6 +155,9 @@ def main() -> None:
     if args.score_length >= 0:
         recipe.attention.score_length = args.score_length
     kinds = args.influence or [recipe.attention.influence]
+    rounds = args.refine_rounds or [recipe.attention.refine_rounds]
+    if args.refine_mix >= 0:
+        recipe.attention.refine_mix = args.refine_mix
     ctx = CompressionContext(model=model, tokenizer=tokenizer, recipe=recipe, device=model.device)
 
     weightings = [parse_weighting(w) for w in args.task_weights] or [None]  # None: the recipe's task_weights
@@ -158,13 +165,16 @@ def main() -> None:
     searches = {}  # (density, influence kind, weighting label) -> search
     for density in args.densities:
         for kind in kinds:
-            for group in groups:
+            for group, refine in [(g, r) for g in groups for r in rounds]:
                 config = recipe.attention
                 config.density = density
                 config.influence = kind
+                config.refine_rounds = refine
                 if group != [None]:
                     config.task_weights = group
                 label = weighting_label(group) if len(groups) > 1 or args.joint_weights else ""
+                if len(rounds) > 1:
+                    label = ", ".join(filter(None, [label, f"refine {refine}"]))
                 reset_peak()
                 t0 = time.perf_counter()
                 result = moa_plan(ctx, config)  # the profile is computed once and shared (ctx.cache)

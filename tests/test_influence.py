@@ -14,10 +14,13 @@ from compressor.calibration.influence import (
     loss_outside_window,
     merge_profiles,
     profile_influence,
+    windowed_attention,
     profile_sample,
     scored_start,
 )
 from compressor.errors import CompressorError
+from compressor.kernels.reference import sparse_attention_reference
+from compressor.plan import DensePattern, WindowPattern
 
 TOKENS, SINK = 48, 5
 
@@ -75,15 +78,49 @@ def brute_force_profile(model, sample, sink, text_fraction=0.25, rows=None):
         for d in range(n):
             hist[:, d] = torch.diagonal(body, offset=-d, dim1=1, dim2=2).abs().sum(-1)
         hists.append(hist)
-        if rows is not None:  # every row, every cut w: drop the non-sink keys j <= i - w, renormalise, first order
-            table = torch.zeros(a.shape[0], n + 1, dtype=torch.float64)
-            for i in range(n):
-                for w in range(1, i - sink + 1):
-                    keys = slice(sink, i - w + 1)
-                    change = -(a[:, i, keys] * (g[:, i, keys] - s[:, i])).sum(-1)
-                    table[:, w] += change.abs() / (1 - a[:, i, keys].sum(-1)).clamp_min(1e-3)
-            rows.append(table)
+        if rows is not None:
+            rows.append(explicit_row_table(a, g, sink))
     return torch.stack(hists), torch.stack(sinks)
+
+
+def explicit_row_table(a: torch.Tensor, g: torch.Tensor, sink: int) -> torch.Tensor:
+    """Every row, every cut w: drop the non-sink keys j <= i - w, renormalise, first order. a, g: [heads, N, N]."""
+    heads, n, _ = a.shape
+    s = (a * g).sum(-1, keepdim=True)
+    table = torch.zeros(heads, n + 1, dtype=torch.float64)
+    for i in range(n):
+        for w in range(1, i - sink + 1):
+            keys = slice(sink, i - w + 1)
+            change = -(a[:, i, keys] * (g[:, i, keys] - s[:, i])).sum(-1)
+            table[:, w] += change.abs() / (1 - a[:, i, keys].sum(-1)).clamp_min(1e-3)
+    return table
+
+
+def masked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Materialised attention under ``module.test_mask`` [heads, N, N]; keeps q, k, v and the output's gradient."""
+    group = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(group, dim=1)
+    v = value.repeat_interleave(group, dim=1)
+    scores = (torch.matmul(query, k.transpose(-1, -2)) * scaling).masked_fill(~module.test_mask, -math.inf)
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)
+    out.retain_grad()
+    module.brute = (query.detach(), k.detach(), v.detach(), out)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("test_masked", masked_attention)
+
+
+def plan_mask(patterns: list, n: int) -> torch.Tensor:
+    """[heads, N, N] visibility of one layer's patterns (dense heads: causal)."""
+    d = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+    masks = []
+    for p in patterns:
+        if isinstance(p, WindowPattern):
+            masks.append((d >= 0) & ((d < p.window_for_length(n)) | (torch.arange(n)[None, :] < p.sink)))
+        else:
+            masks.append(d >= 0)
+    return torch.stack(masks)
 
 
 def retrieval_sample(seed: int, answer_tokens: int = 3) -> RetrievalSample:
@@ -168,3 +205,73 @@ def test_loss_outside_window_is_the_histogram_tail():
     out = loss_outside_window(profile, torch.tensor([1, 4, 10]))
 
     assert out[0, 0].tolist() == [hist[0, 0, 1:].sum().item(), hist[0, 0, 4:].sum().item(), 0.0]
+
+
+@pytest.mark.parametrize("tokens,chunk", [(37, 8), (64, 64)])
+def test_windowed_attention_matches_the_reference_and_its_gradient_the_masked_softmax(tokens, chunk):
+    torch.manual_seed(tokens)
+    heads, dim = 4, 8
+    q, k, v = (torch.randn(1, heads, tokens, dim, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    sink = torch.tensor([0, 3, 5, 0])
+    alpha = torch.tensor([float("inf"), 4.0, 1.0, 0.0])
+    beta = torch.tensor([0.0, 0.25, 0.0, 0.5])
+
+    out = windowed_attention(q, k, v, sink, alpha, beta, scale=0.3, chunk=chunk)
+    ref = sparse_attention_reference(q.detach(), k.detach(), v.detach(), sink=sink, alpha=alpha, beta=beta,
+                                     scale=0.3, causal=True)
+    torch.testing.assert_close(out.detach(), ref.to(out.dtype), rtol=1e-5, atol=1e-6)
+
+    patterns = [DensePattern(), WindowPattern(alpha=4.0, beta=0.25, sink=3), WindowPattern(alpha=1.0, sink=5),
+                WindowPattern(alpha=0.0, beta=0.5, sink=0)]
+    mask = plan_mask(patterns, tokens)[None]
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    scores = (torch.matmul(q, k.transpose(-1, -2)) * 0.3).masked_fill(~mask, -math.inf)
+    want = torch.autograd.grad(torch.matmul(torch.softmax(scores, -1), v), (q, k, v), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_row_cut_at_a_plan_equals_explicit_rows_of_the_sparse_model():
+    """Profiled under a plan: the forward/backward run sparse, and each cut is priced against the head's dense row
+    from the sparse model's q, k, v and output gradient."""
+    model = tiny_llama()
+    sample = retrieval_sample(4)
+    patterns = [[WindowPattern(alpha=6.0, beta=0.0, sink=SINK)] * 2 + [DensePattern()] * 2,
+                [WindowPattern(alpha=2.0, beta=0.25, sink=SINK), DensePattern(),
+                 WindowPattern(alpha=1.0, sink=SINK), WindowPattern(alpha=0.0, beta=0.5, sink=SINK)]]
+
+    profile, loss = profile_sample(model, sample, SINK, chunk=5, patterns=patterns)
+    dense, dense_loss = profile_sample(model, sample, SINK, chunk=5)
+
+    model.set_attn_implementation("test_masked")
+    for layer, module in enumerate(model.model.layers):
+        module.self_attn.test_mask = plan_mask(patterns[layer], TOKENS)
+    ids = sample.input_ids[None]
+    logits = model(ids).logits[0].float()
+    brute_loss = torch.nn.functional.cross_entropy(logits[sample.answer_start - 1 : -1], ids[0, sample.answer_start:])
+    brute_loss.backward()
+    model.set_attn_implementation("sdpa")
+    tables = []
+    causal = torch.ones(TOKENS, TOKENS, dtype=torch.bool).tril()
+    for module in model.model.layers:
+        q, k, v, out = module.self_attn.brute
+        a = torch.softmax((torch.matmul(q, k.transpose(-1, -2)) * module.self_attn.scaling).masked_fill(~causal, -math.inf), -1)
+        g = torch.matmul(out.grad, v.transpose(-1, -2))
+        tables.append(explicit_row_table(a[0].double(), g[0].double(), SINK))
+
+    assert loss == pytest.approx(float(brute_loss.detach()), rel=1e-5) and loss != pytest.approx(dense_loss, rel=1e-3)
+    torch.testing.assert_close(profile.row_cut, torch.stack(tables), rtol=1e-4, atol=1e-9)
+    assert not torch.allclose(profile.row_cut, dense.row_cut)
+    with pytest.raises(CompressorError, match="1 layers of patterns for 2"):
+        profile_sample(model, sample, SINK, patterns=patterns[:1])
+
+
+def test_all_dense_patterns_profile_like_the_dense_model():
+    model = tiny_llama()
+    sample = retrieval_sample(5)
+
+    plain, _ = profile_sample(model, sample, SINK)
+    dense, _ = profile_sample(model, sample, SINK, patterns=[[DensePattern()] * 4] * 2)
+
+    torch.testing.assert_close(dense.row_cut, plain.row_cut)

@@ -162,3 +162,24 @@ def test_compress_cli_with_a_moa_recipe(tiny_model_dir, tmp_path):
     assert code == 0
     assert plan.search["attention"]["plans"][0]["budget"] == 0.6
     assert all(plan.density(n) <= 0.6 + 1e-12 for n in LENGTHS)
+
+
+def test_refinement_profiles_at_the_chosen_plan_and_keeps_the_best_measured(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    model.config.max_position_embeddings = 4096
+    recipe = parse_recipe(tiny_recipe(density_scales=[1.0], length_powers=[0.0, 1.0], refine_rounds=2, density=0.4))
+    ctx = CompressionContext(model=model, tokenizer=tokenizer, recipe=recipe, device=torch.device("cpu"))
+
+    result = METHODS[("attention", "moa")].run(ctx, recipe.attention)
+
+    plans = result.search["plans"]
+    assert [p["name"].partition(",refined=")[2] for p in plans] == ["", "", "1", "1", "2", "2"]
+    assert all(p["measured_loss"] is not None and p["density"][str(n)] <= 0.4 + 1e-9 for p in plans for n in LENGTHS)
+    assert plans[result.search["chosen"]]["measured_loss"] == min(p["measured_loss"] for p in plans)
+    assert result.calibration["seconds"]["refine_profile"] > 0
+    # the operating point's estimates differ from the dense model's: the refined searches price rules differently
+    assert plans[2]["estimated_loss"] != plans[0]["estimated_loss"]
+    for bad in ({"refine_rounds": -1}, {"refine_mix": 0.0}):
+        with pytest.raises(RecipeError, match=next(iter(bad))):
+            parse_recipe(tiny_recipe(**bad))

@@ -48,6 +48,12 @@ class MoAConfig:
     weighted by t[its task] (tasks not named: 1; e.g. ``{passkey: 4}`` makes retrieval answers count 4x).
     score_length: held-out length for choosing among plans (None: twice the longest calibration length, capped at the
     model's context; 0: do not score, keep the first plan).
+    refine_rounds: after the search from the dense model's profile, profile again with the best plan so far applied
+    and search again, this many times. First-order estimates taken at the dense model miss redundancy: when several
+    heads can each retrieve the same far token, cutting any one of them alone costs little, so the dense profile
+    cuts them all. At the sparse operating point the survivors' far keys carry the loss. refine_mix: the weight of
+    the operating point's estimate against the dense one's (1: only the operating point). Every round's plans join
+    the held-out scoring, so a round can only replace the plan if it measures better.
     """
 
     density: float = 0.5
@@ -71,6 +77,8 @@ class MoAConfig:
     solver_time_limit: float = 60.0
     solver_gap: float = 1e-3
     chunk: int = 128
+    refine_rounds: int = 0
+    refine_mix: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0.0 < self.density <= 1.0:
@@ -109,6 +117,10 @@ class MoAConfig:
             raise ValueError(f"score_samples must be >= 1, got {self.score_samples}")
         if self.chunk < 1:
             raise ValueError(f"chunk must be >= 1 query, got {self.chunk}")
+        if self.refine_rounds < 0:
+            raise ValueError(f"refine_rounds must be >= 0, got {self.refine_rounds}")
+        if not 0.0 < self.refine_mix <= 1.0:
+            raise ValueError(f"refine_mix must be in (0, 1], got {self.refine_mix}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -284,74 +296,108 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
         )
     lengths = sorted({n for profiles in by_task.values() for n in profiles})
 
-    def weighted(weighting: dict[str, float]) -> dict[int, InfluenceProfile]:
+    Profiles = dict[str, dict[int, InfluenceProfile]]  # per task, per length
+
+    def weighted(profiled: Profiles, weighting: dict[str, float]) -> dict[int, InfluenceProfile]:
         return {
-            n: merge_profiles([(profiles[n], float(weighting.get(task, 1.0)))
-                               for task, profiles in by_task.items() if n in profiles])
+            n: merge_profiles([(by_n[n], float(weighting.get(task, 1.0))) for task, by_n in profiled.items() if n in by_n])
             for n in lengths
         }
 
-    profiles = weighted({})  # every sample counted once: the dense loss and the records
+    profiles = weighted(by_task, {})  # every sample counted once: the dense loss and the records
     rules = candidate_rules(config, lengths)
     outcomes: list[SearchOutcome] = []
     skipped: list[dict[str, object]] = []
     variants = [(p, s, t) for t in range(len(config.task_weights))
                 for s in config.density_scales for p in config.length_powers]
-    losses: dict[int, np.ndarray] = {}
-    for power, scale, t in variants:
-        weighting = config.task_weights[t]
-        if t not in losses:
-            losses[t] = estimated_loss(weighted(weighting), rules, config.influence)
-        loss = losses[t]
-        weights = [round((n / max(lengths)) ** power, 6) for n in lengths]
-        try:
-            heads, solver = search_plan(
-                loss, rules, lengths, scale * config.density, weights, group if tie else 1,
-                config.max_rules_per_layer, config.solver_time_limit, config.solver_gap,
-            )
-        except CompressorError as err:
-            if scale == max(config.density_scales):  # the recipe's own budget: the user must hear of it
-                raise
-            # a tighter trade-off point below what the rules can reach: skip it, keep the others
-            skipped.append({"power": power, "budget": scale * config.density, "task_weights": dict(weighting),
-                            "reason": str(err)})
-            continue
-        estimated = {
-            str(n): float(sum(loss[l, h, rules.index(p), k] for l, row in enumerate(heads) for h, p in enumerate(row)))
-            for k, n in enumerate(lengths)
-        }
-        plan = plan_from_heads(model, heads)
-        name = f"power={power:g},budget={scale * config.density:.4g}"
-        if weighting:
-            name += ",tasks=" + "/".join(f"{k}:{v:g}" for k, v in sorted(weighting.items()))
-        outcomes.append(SearchOutcome(name, weights, heads, estimated,
-                                      {str(n): round(plan.density(n), 6) for n in lengths}, solver,
-                                      budget=scale * config.density, task_weights=dict(weighting)))
-    searched_at = time.perf_counter()
+
+    def search_round(losses: dict[int, np.ndarray], tag: str) -> None:
+        """One search per variant on these loss tables (one per task weighting); appends to outcomes/skipped."""
+        for power, scale, t in variants:
+            weighting = config.task_weights[t]
+            loss = losses[t]
+            weights = [round((n / max(lengths)) ** power, 6) for n in lengths]
+            try:
+                heads, solver = search_plan(
+                    loss, rules, lengths, scale * config.density, weights, group if tie else 1,
+                    config.max_rules_per_layer, config.solver_time_limit, config.solver_gap,
+                )
+            except CompressorError as err:
+                if scale == max(config.density_scales):  # the recipe's own budget: the user must hear of it
+                    raise
+                # a tighter trade-off point below what the rules can reach: skip it, keep the others
+                skipped.append({"power": power, "budget": scale * config.density, "task_weights": dict(weighting),
+                                "round": tag.removeprefix(",refined=") or "0", "reason": str(err)})
+                continue
+            estimated = {
+                str(n): float(sum(loss[l, h, rules.index(p), k] for l, row in enumerate(heads) for h, p in enumerate(row)))
+                for k, n in enumerate(lengths)
+            }
+            plan = plan_from_heads(model, heads)
+            name = f"power={power:g},budget={scale * config.density:.4g}"
+            if weighting:
+                name += ",tasks=" + "/".join(f"{k}:{v:g}" for k, v in sorted(weighting.items()))
+            outcomes.append(SearchOutcome(name + tag, weights, heads, estimated,
+                                          {str(n): round(plan.density(n), 6) for n in lengths}, solver,
+                                          budget=scale * config.density, task_weights=dict(weighting)))
+
+    def task_losses(profiled: Profiles) -> dict[int, np.ndarray]:
+        return {t: estimated_loss(weighted(profiled, w), rules, config.influence) for t, w in enumerate(config.task_weights)}
+
+    dense_losses = task_losses(by_task)
+    search_round(dense_losses, "")
+    seconds = {"search": time.perf_counter() - profiled_at, "score": 0.0, "refine_profile": 0.0}
 
     score_length = _score_length(config, model, lengths)
     scoring: dict[str, object] = {"length": score_length, "unseen": score_length > max(lengths)}
-    chosen = 0
-    distinct = {repr(o.heads): i for i, o in reversed(list(enumerate(outcomes)))}  # first index of each plan
-    if score_length > 0 and len(distinct) > 1:
-        held_key = ("moa-heldout", score_length, config.score_samples, config.align_answers, config.answer_tokens,
-                    config.text_fraction)
-        if held_key not in ctx.cache:  # held out from calibration by its seed; the dense loss is shared too
-            held = calibration_samples(
-                cal.source, ctx.tokenizer, [score_length], config.score_samples, cal.seed + 1, chat=cal.chat
-            )
-            if config.align_answers:
-                held = model_aligned_samples(model, held, config.answer_tokens)
-            held = scored_samples(held, config.text_fraction)
-            ctx.cache[held_key] = (held, measured_loss(model, None, held))
-        held, scoring["dense_loss"] = ctx.cache[held_key]
-        scoring["samples"] = len(held)
+    held: list[RetrievalSample] | None = None
+
+    def score_all() -> int:
+        """Measure every plan not measured yet (identical plans once); the index of the best so far."""
+        nonlocal held
+        began = time.perf_counter()
+        distinct = {repr(o.heads): i for i, o in reversed(list(enumerate(outcomes)))}  # first index of each plan
+        if score_length <= 0 or len(distinct) <= 1:
+            return 0
+        if held is None:
+            held_key = ("moa-heldout", score_length, config.score_samples, config.align_answers, config.answer_tokens,
+                        config.text_fraction)
+            if held_key not in ctx.cache:  # held out from calibration by its seed; the dense loss is shared too
+                fresh = calibration_samples(
+                    cal.source, ctx.tokenizer, [score_length], config.score_samples, cal.seed + 1, chat=cal.chat
+                )
+                if config.align_answers:
+                    fresh = model_aligned_samples(model, fresh, config.answer_tokens)
+                fresh = scored_samples(fresh, config.text_fraction)
+                ctx.cache[held_key] = (fresh, measured_loss(model, None, fresh))
+            held, scoring["dense_loss"] = ctx.cache[held_key]
+            scoring["samples"] = len(held)
         for index, o in enumerate(outcomes):
+            if o.measured_loss is not None:
+                continue
             first = distinct[repr(o.heads)]  # identical plans are measured once
             o.measured_loss = outcomes[first].measured_loss if first != index else measured_loss(model, o.heads, held)
             o.density[str(score_length)] = round(plan_from_heads(model, o.heads).density(score_length), 6)
-        chosen = min(range(len(outcomes)), key=lambda i: (outcomes[i].measured_loss, i))
-    done = time.perf_counter()
+        seconds["score"] += time.perf_counter() - began
+        return min(range(len(outcomes)), key=lambda i: (outcomes[i].measured_loss, i))
+
+    chosen = score_all()
+    for round_ in range(1, config.refine_rounds + 1):
+        began = time.perf_counter()
+        at = outcomes[chosen].heads if score_length > 0 else outcomes[-1].heads
+        by_task_at = {
+            task: profile_influence(model, [s for s in samples if s.task == task], sink=config.sink,
+                                    text_fraction=config.text_fraction, chunk=config.chunk, patterns=at)
+            for task in by_task
+        }
+        at_losses = task_losses(by_task_at)
+        seconds["refine_profile"] += time.perf_counter() - began
+        began = time.perf_counter()
+        mix = config.refine_mix
+        search_round({t: (1.0 - mix) * dense_losses[t] + mix * at_losses[t] for t in dense_losses},
+                     f",refined={round_}")
+        seconds["search"] += time.perf_counter() - began
+        chosen = score_all()
 
     calibration = {
         "samples": len(samples),
@@ -359,7 +405,7 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
         "aligned_answers": config.align_answers,
         "dense_loss": {str(n): round(p.loss, 6) for n, p in profiles.items()},
         "seconds": {"align": round(align_seconds, 2), "profile": round(profile_seconds, 2),
-                    "search": round(searched_at - profiled_at, 2), "score": round(done - searched_at, 2)},
+                    **{k: round(v, 2) for k, v in seconds.items()}},
     }
     search = {
         "rules": len(rules),
@@ -367,6 +413,8 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
         "tied_kv_groups": tie,
         "max_rules_per_layer": config.max_rules_per_layer,
         "influence": config.influence,
+        "refine_rounds": config.refine_rounds,
+        "refine_mix": config.refine_mix,
         "tasks": {task: {str(n): p.samples for n, p in profiles.items()} for task, profiles in by_task.items()},
         "scoring": scoring,
         "plans": [o.record() for o in outcomes],
