@@ -9,7 +9,8 @@ from a candidate grid, or stays dense. Steps:
 4. a multiple-choice knapsack (``compressor.search``) per objective weighting: least summed loss with the average
    density <= ``density`` at every calibration length;
 5. each resulting plan is applied and scored by the real loss on held-out samples at ``score_length`` (longer than
-   any profiled length where the model allows), and the best is kept.
+   any profiled length where the model allows), and the best is kept;
+6. optionally (``refine_rounds``), steps 2-5 again with the best plan applied while profiling.
 """
 
 from __future__ import annotations
@@ -311,8 +312,9 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
     variants = [(p, s, t) for t in range(len(config.task_weights))
                 for s in config.density_scales for p in config.length_powers]
 
-    def search_round(losses: dict[int, np.ndarray], tag: str) -> None:
+    def search_round(losses: dict[int, np.ndarray], round_: int) -> None:
         """One search per variant on these loss tables (one per task weighting); appends to outcomes/skipped."""
+        tag = f",refined={round_}" if round_ else ""
         for power, scale, t in variants:
             weighting = config.task_weights[t]
             loss = losses[t]
@@ -327,7 +329,7 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
                     raise
                 # a tighter trade-off point below what the rules can reach: skip it, keep the others
                 skipped.append({"power": power, "budget": scale * config.density, "task_weights": dict(weighting),
-                                "round": tag.removeprefix(",refined=") or "0", "reason": str(err)})
+                                "round": round_, "reason": str(err)})
                 continue
             estimated = {
                 str(n): float(sum(loss[l, h, rules.index(p), k] for l, row in enumerate(heads) for h, p in enumerate(row)))
@@ -345,7 +347,7 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
         return {t: estimated_loss(weighted(profiled, w), rules, config.influence) for t, w in enumerate(config.task_weights)}
 
     dense_losses = task_losses(by_task)
-    search_round(dense_losses, "")
+    search_round(dense_losses, 0)
     seconds = {"search": time.perf_counter() - profiled_at, "score": 0.0, "refine_profile": 0.0}
 
     score_length = _score_length(config, model, lengths)
@@ -394,8 +396,7 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
         seconds["refine_profile"] += time.perf_counter() - began
         began = time.perf_counter()
         mix = config.refine_mix
-        search_round({t: (1.0 - mix) * dense_losses[t] + mix * at_losses[t] for t in dense_losses},
-                     f",refined={round_}")
+        search_round({t: (1.0 - mix) * dense_losses[t] + mix * at_losses[t] for t in dense_losses}, round_)
         seconds["search"] += time.perf_counter() - began
         chosen = score_all()
 
