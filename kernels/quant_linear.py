@@ -148,8 +148,9 @@ def decode_bucket(m: int) -> int:
 
 def decode_route(precision: str, m: int, k: int, n: int, hadamard_block: int = 0) -> DecodeRoute:
     """The measured route for ``m <= 16`` tokens of a ``k -> n`` layer (``precision``: int8, fp8 or w4a8); where
-    nothing was measured, the GEMV with ``gemv_config``'s tiles for w4a8 and the narrow-tile GEMM otherwise. A rotated input (online Hadamard: fp32 x) always takes the GEMM:
-    the GEMV on the rotated row measured 5x slower (0.072 vs 0.015 ms at 4096->4096, M = 1)."""
+    nothing was measured, the GEMV with ``gemv_config``'s tiles for w4a8 and the narrow-tile GEMM otherwise. A rotated
+    input (online Hadamard: fp32 x) always takes the GEMM: the GEMV on the rotated row measured 5x slower (0.072 vs
+    0.015 ms at 4096->4096, M = 1)."""
     if hadamard_block:
         return OLD_DECODE
     route = DECODE_ROUTES.get((precision, decode_bucket(m), k, n))

@@ -82,8 +82,8 @@ def main() -> None:
             ppl = perplexity(model, tokenizer, n, args.ppl_samples, 0)
         finally:
             runtime.remove(model)
-        print(f"| {n} | {k} | {max(fits)} | {plan.density(n):.3f} | {acc:.2f} | {ppl:.3f} | ({time.perf_counter() - t0:.0f} s)",
-              flush=True)
+        seconds = time.perf_counter() - t0
+        print(f"| {n} | {k} | {max(fits)} | {plan.density(n):.3f} | {acc:.2f} | {ppl:.3f} | ({seconds:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -301,7 +301,8 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
 
     def weighted(profiled: Profiles, weighting: dict[str, float]) -> dict[int, InfluenceProfile]:
         return {
-            n: merge_profiles([(by_n[n], float(weighting.get(task, 1.0))) for task, by_n in profiled.items() if n in by_n])
+            n: merge_profiles([(by_n[n], float(weighting.get(task, 1.0)))
+                               for task, by_n in profiled.items() if n in by_n])
             for n in lengths
         }
 
@@ -344,7 +345,8 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
                                           budget=scale * config.density, task_weights=dict(weighting)))
 
     def task_losses(profiled: Profiles) -> dict[int, np.ndarray]:
-        return {t: estimated_loss(weighted(profiled, w), rules, config.influence) for t, w in enumerate(config.task_weights)}
+        return {t: estimated_loss(weighted(profiled, w), rules, config.influence)
+                for t, w in enumerate(config.task_weights)}
 
     dense_losses = task_losses(by_task)
     search_round(dense_losses, 0)
