@@ -17,6 +17,12 @@ head as loss. The ``row`` kind estimates each query row's change as a whole inst
 the loss changes by  -sum_S A_j (G_j - E) / (1 - m),  E = sum_k A_k G_k.  For every cut-off distance w the pass sums
 |that| over rows, S being the row's non-sink keys at distance >= w: a [layers, q_heads, tokens + 1] table indexed by
 the window itself, not a histogram to sum.
+
+First-order estimates see little of retrieval: a confidently retrieved answer has a near-zero loss gradient, and
+several heads can each fetch it (cutting any one alone costs nothing). The same pass therefore records each head's
+*copy score* on samples with an answer: the attention mass its answer rows put on earlier prompt tokens equal to the
+token being produced (the retrieval-head score of retrieval-head studies, DuoAttention's motivation). MoA uses it to
+keep the top-ranked KV groups dense (``compressor.methods.moa``).
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ class InfluenceProfile:
     distance ``query - key``; sink: [layers, q_heads], entries with key < sink. ``absolute`` sums |influence|
     (MoA's choice), ``signed`` keeps the sign (kept side by side, one pass gives both). row_cut: [layers, q_heads,
     tokens + 1], the row-wise estimate of dropping every non-sink key at distance >= w, indexed by w (the
-    ``row`` kind; see the module docstring).
+    ``row`` kind; see the module docstring). copy: [layers, q_heads], the mean copy score of the samples
+    (:func:`copy_attention`; 0 for samples without an answer).
     """
 
     length: int
@@ -58,6 +65,7 @@ class InfluenceProfile:
     loss: float  # mean dense loss of the profiled samples
     row_cut: torch.Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    copy: torch.Tensor | None = None
 
     def by_distance(self, kind: str = "absolute") -> torch.Tensor:
         """[layers, q_heads, length] histogram of the chosen kind ("absolute" or "signed")."""
@@ -300,6 +308,27 @@ def accumulate_layer_influence(
             row_cut.scatter_add_(1, index, cut.reshape(q_heads, -1).double())
 
 
+def copy_attention(q: torch.Tensor, k: torch.Tensor, scale: float, ids: torch.Tensor, start: int, sink: int) -> torch.Tensor:
+    """[q_heads] copy score of one layer: the mean, over the answer rows ``start - 1 .. N - 2`` (row i predicts token
+    i + 1), of the causal attention mass on prompt keys ``sink <= j < start`` holding the token that row predicts.
+
+    q: [q_heads, N, dim]; k: [kv_heads, N, dim] (GQA); ids: [N]. Sink keys are left out (every plan keeps them).
+    Work memory: q_heads x answer rows x N.
+    """
+    q_heads, tokens, dim = q.shape
+    kv_heads = k.shape[0]
+    rows = torch.arange(max(start - 1, 0), tokens - 1, device=q.device)
+    if rows.numel() == 0 or start <= sink:
+        return torch.zeros(q_heads, dtype=torch.float64, device=q.device)
+    qs = q[:, rows].float().view(kv_heads, q_heads // kv_heads, rows.numel(), dim)
+    scores = torch.matmul(qs, k.float()[:, None].transpose(-1, -2)) * scale  # [kv, g, R, N]
+    keys = torch.arange(tokens, device=q.device)
+    probs = torch.softmax(scores.masked_fill(keys[None, :] > rows[:, None], -math.inf), dim=-1)
+    ids = ids.to(q.device)
+    match = (ids[None, :start] == ids[rows + 1][:, None]) & (keys[None, :start] >= sink)  # [R, start]
+    return (probs[..., :start] * match).sum(-1).reshape(q_heads, -1).mean(-1).double()
+
+
 def profile_sample(
     model: torch.nn.Module,
     sample: RetrievalSample,
@@ -362,6 +391,7 @@ def profile_sample(
     sink_abs = torch.zeros(layers, q_heads, dtype=torch.float64, device=device)
     sink_sig = torch.zeros(layers, q_heads, dtype=torch.float64, device=device)
     row_cut = torch.zeros(layers, q_heads, tokens + 1, dtype=torch.float64, device=device)
+    copy = torch.zeros(layers, q_heads, dtype=torch.float64, device=device)
     with torch.no_grad():
         for idx in sorted(stores):
             store = stores[idx]
@@ -373,10 +403,12 @@ def profile_sample(
                 store["q"][0], store["k"][0], store["v"][0], out.grad[0], store["scale"], sink,
                 absolute[idx], signed[idx], sink_abs[idx], sink_sig[idx], chunk=chunk, row_cut=row_cut[idx],
             )
+            if sample.answer_start > 0:
+                copy[idx] = copy_attention(store["q"][0], store["k"][0], store["scale"], ids[0], sample.answer_start, sink)
             stores[idx] = {}  # free this layer's tensors as we go
     profile = InfluenceProfile(
         sample.length, sink, 1, absolute.cpu(), signed.cpu(), sink_abs.cpu(), sink_sig.cpu(), float(loss.detach()),
-        row_cut=row_cut.cpu(),
+        row_cut=row_cut.cpu(), copy=copy.cpu(),
     )
     return profile, float(loss.detach())
 
@@ -408,11 +440,13 @@ def merge_profiles(parts: list[tuple[InfluenceProfile, float]]) -> InfluenceProf
 
     first = parts[0][0]
     rows = [p.row_cut for p, _ in parts]
+    copies = [p.copy for p, _ in parts]
     return InfluenceProfile(
         first.length, first.sink, sum(p.samples for p, _ in parts),
         mix(lambda p: p.absolute), mix(lambda p: p.signed), mix(lambda p: p.sink_absolute), mix(lambda p: p.sink_signed),
         float(sum(p.loss * w * p.samples for p, w in parts) / total),
         row_cut=None if any(r is None for r in rows) else mix(lambda p: p.row_cut),
+        copy=None if any(c is None for c in copies) else mix(lambda p: p.copy),
     )
 
 
@@ -447,6 +481,7 @@ def profile_influence(
         have.absolute += one.absolute
         have.signed += one.signed
         have.row_cut += one.row_cut
+        have.copy += one.copy
         have.sink_absolute += one.sink_absolute
         have.sink_signed += one.sink_signed
         have.loss += one.loss
@@ -456,6 +491,7 @@ def profile_influence(
         profile.absolute /= n
         profile.signed /= n
         profile.row_cut /= n
+        profile.copy /= n
         profile.sink_absolute /= n
         profile.sink_signed /= n
         profile.loss /= n

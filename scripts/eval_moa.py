@@ -102,10 +102,16 @@ def main() -> None:
                         help="MoA refinement rounds to compare (re-profile at the chosen plan and search again); "
                              "default: the recipe's")
     parser.add_argument("--refine-mix", type=float, default=-1.0, help="override the recipe's refine_mix")
+    parser.add_argument("--retrieval-dense", type=float, nargs="+", default=[],
+                        help="override the recipe's retrieval_dense (fractions of KV groups held dense by copy score)")
+    parser.add_argument("--text-fraction", type=float, default=0.0,
+                        help="override the recipe's text_fraction (scored share of each plain-text calibration sample)")
+    parser.add_argument("--length-powers", type=float, nargs="+", default=[], help="override the recipe's length_powers")
     parser.add_argument("--joint-weights", action="store_true",
                         help="one search over all --task-weights (held-out scoring picks), not one per weighting")
     parser.add_argument("--no-baselines", action="store_true",
                         help="evaluate only the MoA plans (dense and the uniform window were measured by another run)")
+    parser.add_argument("--no-dense", action="store_true", help="leave out the dense row (e.g. measured by an earlier run)")
     parser.add_argument("--cal-lengths", type=int, nargs="+", default=[], help="override the recipe's profiled lengths")
     parser.add_argument("--cal-samples", type=int, default=0, help="override the recipe's samples per length")
     parser.add_argument("--score-length", type=int, default=-1, help="override the recipe's held-out scoring length")
@@ -158,6 +164,12 @@ def main() -> None:
     rounds = args.refine_rounds or [recipe.attention.refine_rounds]
     if args.refine_mix >= 0:
         recipe.attention.refine_mix = args.refine_mix
+    if args.retrieval_dense:
+        recipe.attention.retrieval_dense = list(args.retrieval_dense)
+    if args.text_fraction:
+        recipe.attention.text_fraction = args.text_fraction
+    if args.length_powers:
+        recipe.attention.length_powers = list(args.length_powers)
     ctx = CompressionContext(model=model, tokenizer=tokenizer, recipe=recipe, device=model.device)
 
     weightings = [parse_weighting(w) for w in args.task_weights] or [None]  # None: the recipe's task_weights
@@ -183,7 +195,7 @@ def main() -> None:
                 print(f"moa density {density} influence {kind} {label}: {searches[density, kind, label]['seconds']:.0f}s, "
                       f"peak {searches[density, kind, label]['peak_mb']:.0f} MiB", json.dumps(result.calibration), flush=True)
 
-    configs: dict[str, object] = {} if args.no_baselines else {"dense": None}
+    configs: dict[str, object] = {} if args.no_baselines or args.no_dense else {"dense": None}
     first_label = next(iter(searches))[2] if searches else ""
     for (density, kind, label), s in searches.items():
         plan = plan_from_heads(model, s["result"].heads)
@@ -247,10 +259,19 @@ def write_report(args, started_at, searches, results, transformers_version) -> N
         for p in res.search["plans"]:
             lines.append(
                 f"  - {p['name']}: estimated {json.dumps({k: round(v, 4) for k, v in p['estimated_loss'].items()})}, "
-                f"measured loss @{res.search['scoring']['length']} {p['measured_loss']}, density {json.dumps(p['density'])}, "
+                f"measured loss @{res.search['scoring']['length']} {p['measured_loss']} "
+                f"{json.dumps(p.get('measured_tasks', {}))}, density {json.dumps(p['density'])}, "
                 f"solver {p['solver']['status']} {p['solver']['seconds']} s"
             )
-        lines.append(f"  - dense loss @{res.search['scoring']['length']}: {res.search['scoring'].get('dense_loss')}")
+        lines.append(f"  - dense loss @{res.search['scoring']['length']}: {res.search['scoring'].get('dense_loss')} "
+                     f"{json.dumps(res.search['scoring'].get('dense_tasks', {}))}")
+        retrieval = res.search.get("retrieval", {})
+        if retrieval:
+            top = [(r["layer"], r["index"], r["copy"]) for r in retrieval["ranked"][:12]]
+            lines.append(f"  - KV groups held dense per plan: {retrieval['dense_counts']}; highest copy scores (layer, group, "
+                         f"score): {top}")
+        for s in res.search.get("skipped", []):
+            lines.append(f"  - skipped: {json.dumps(s)}")
     lines.append("")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -11,6 +11,7 @@ from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from compressor.calibration.data import RetrievalSample
 from compressor.calibration.influence import (
     InfluenceProfile,
+    copy_attention,
     loss_outside_window,
     merge_profiles,
     profile_influence,
@@ -196,6 +197,56 @@ def test_task_weighted_merge_equals_profiling_the_samples_together():
     torch.testing.assert_close(without.row_cut, by_task["passkey"].row_cut)
     with pytest.raises(CompressorError, match="positive task weight"):
         merge_profiles([(by_task["corpus"], 0.0)])
+
+
+def copy_sample(seed: int) -> RetrievalSample:
+    """A passkey-like sample whose 4 answer tokens also stand in the prompt: once inside the sink, twice after it."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 64, (TOKENS,), generator=g)
+    answer = torch.tensor([3, 4, 3, 5])
+    ids[-4:] = answer
+    ids[2], ids[12:15], ids[30] = 3, torch.tensor([3, 4, 5]), 4
+    return RetrievalSample(ids, TOKENS - 4, "3435", "passkey", 0.5, TOKENS)
+
+
+def test_copy_score_is_the_answer_rows_attention_on_earlier_copies_of_their_token():
+    model = tiny_llama()
+    sample = copy_sample(7)
+    start = sample.answer_start
+
+    profile, _ = profile_sample(model, sample, SINK, chunk=9)
+    model.set_attn_implementation("test_explicit")
+    model(sample.input_ids[None])
+    model.set_attn_implementation("sdpa")
+    expected = []
+    ids = sample.input_ids
+    for layer in model.model.layers:
+        a = layer.self_attn.brute_probs[0].detach().double()  # [heads, N, N]
+        rows = range(start - 1, TOKENS - 1)
+        mass = [sum(a[:, i, j] for j in range(SINK, start) if ids[j] == ids[i + 1]) for i in rows]
+        expected.append(torch.stack(mass).mean(0))
+
+    torch.testing.assert_close(profile.copy, torch.stack(expected), rtol=1e-5, atol=1e-9)
+    assert profile.copy.min() > 0  # every answer token has a copy after the sink
+    text = RetrievalSample(sample.input_ids, 0, "", "corpus", 0.0, TOKENS)
+    assert profile_sample(model, text, SINK)[0].copy.abs().max() == 0  # no answer, nothing to copy
+    # keys inside the sink never count: with the sink over the whole prompt the score is 0
+    q, k = torch.randn(4, TOKENS, 8), torch.randn(2, TOKENS, 8)
+    assert copy_attention(q, k, 0.3, ids, start, sink=start).abs().max() == 0
+    assert copy_attention(q, k, 0.3, ids, start, sink=0).min() > 0
+
+
+def test_copy_scores_average_and_merge_like_the_other_tables():
+    model = tiny_llama()
+    samples = [copy_sample(1), copy_sample(2)]
+    text = RetrievalSample(samples[0].input_ids, 0, "", "corpus", 0.0, TOKENS)
+
+    both = profile_influence(model, samples, sink=SINK)[TOKENS]
+    ones = [profile_sample(model, s, SINK)[0] for s in samples]
+    merged = merge_profiles([(profile_influence(model, [text], sink=SINK)[TOKENS], 1.0), (both, 1.0)])
+
+    torch.testing.assert_close(both.copy, (ones[0].copy + ones[1].copy) / 2)
+    torch.testing.assert_close(merged.copy, both.copy * 2 / 3)  # the text sample copies nothing
 
 
 def test_loss_outside_window_is_the_histogram_tail():

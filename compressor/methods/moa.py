@@ -7,9 +7,10 @@ from a candidate grid, or stays dense. Steps:
 2. influence histograms per head at each calibration length (``compressor.calibration.influence``);
 3. estimated loss increase per head and rule = influence outside the rule's mask;
 4. a multiple-choice knapsack (``compressor.search``) per objective weighting: least summed loss with the average
-   density <= ``density`` at every calibration length;
+   density <= ``density`` at every calibration length; with ``retrieval_dense``, also with the KV groups of highest
+   copy score (retrieval heads, see ``compressor.calibration.influence``) held dense and the rest searched;
 5. each resulting plan is applied and scored by the real loss on held-out samples at ``score_length`` (longer than
-   any profiled length where the model allows), and the best is kept;
+   any profiled length where the model allows; every task's mean answer loss counts equally), and the best is kept;
 6. optionally (``refine_rounds``), steps 2-5 again with the best plan applied while profiling.
 """
 
@@ -55,6 +56,11 @@ class MoAConfig:
     cuts them all. At the sparse operating point the survivors' far keys carry the loss. refine_mix: the weight of
     the operating point's estimate against the dense one's (1: only the operating point). Every round's plans join
     the held-out scoring, so a round can only replace the plan if it measures better.
+    retrieval_dense: fractions of the search items (KV groups when tied, else heads) kept dense, those with the
+    highest copy score first; every variant is searched once per fraction. The first-order estimate prices a
+    retrieval head's far keys at almost nothing (a confident answer has almost no gradient, and several heads can
+    fetch it), so at low densities the search alone cuts every one of them; the held-out scoring decides how many
+    to keep. Needs samples with answers (passkey, lines, ...) and ``dense_option``.
     """
 
     density: float = 0.5
@@ -80,6 +86,7 @@ class MoAConfig:
     chunk: int = 128
     refine_rounds: int = 0
     refine_mix: float = 0.5
+    retrieval_dense: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3])
 
     def __post_init__(self) -> None:
         if not 0.0 < self.density <= 1.0:
@@ -122,6 +129,12 @@ class MoAConfig:
             raise ValueError(f"refine_rounds must be >= 0, got {self.refine_rounds}")
         if not 0.0 < self.refine_mix <= 1.0:
             raise ValueError(f"refine_mix must be in (0, 1], got {self.refine_mix}")
+        if not self.retrieval_dense or any(
+            isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f < 1.0 for f in self.retrieval_dense
+        ):
+            raise ValueError(f"retrieval_dense must list fractions in [0, 1) (e.g. [0.0, 0.1]), got {self.retrieval_dense}")
+        if any(self.retrieval_dense) and not self.dense_option:
+            raise ValueError("retrieval_dense keeps heads dense, so it needs dense_option: true (or retrieval_dense: [0.0])")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,12 +188,15 @@ class SearchOutcome:
     budget: float = 0.0
     measured_loss: float | None = None
     task_weights: dict[str, float] = field(default_factory=dict)
+    dense_items: list[int] = field(default_factory=list)
+    measured_tasks: dict[str, float] = field(default_factory=dict)
 
     def record(self) -> dict[str, object]:
         return {
             "name": self.name, "budget": self.budget, "length_weights": self.length_weights,
-            "task_weights": self.task_weights, "estimated_loss": self.estimated,
-            "density": self.density, "measured_loss": self.measured_loss, "solver": self.solver,
+            "task_weights": self.task_weights, "retrieval_dense_items": self.dense_items,
+            "estimated_loss": self.estimated, "density": self.density, "measured_loss": self.measured_loss,
+            "measured_tasks": self.measured_tasks, "solver": self.solver,
         }
 
 
@@ -194,9 +210,11 @@ def search_plan(
     max_rules_per_layer: int | None,
     time_limit: float = 60.0,
     gap: float = 1e-3,
+    dense_items: list[int] | tuple[int, ...] = (),
 ) -> tuple[list[list[Pattern]], dict[str, object]]:
     """Solve one MCKP: loss [layers, q_heads, rules, lengths] weighted per length; items are (layer, group of
-    ``group`` consecutive query heads). Returns (patterns [layers][q_heads], solver record)."""
+    ``group`` consecutive query heads), numbered ``layer * (q_heads / group) + group index``. ``dense_items`` may
+    only take the dense rule. Returns (patterns [layers][q_heads], solver record)."""
     from compressor.search import InfeasibleBudget, solve_mckp_detailed  # scipy: imported only when searching
 
     layers, heads, n_rules, n_lengths = loss.shape
@@ -208,10 +226,18 @@ def search_plan(
     dens = rule_densities(rules, lengths)  # [rules, lengths]
     weight = np.broadcast_to(dens[None] * (group / (layers * heads)), (items.shape[0], n_rules, n_lengths))
     groups = np.repeat(np.arange(layers), heads // group)
+    allowed = None
+    if len(dense_items):
+        dense = [i for i, r in enumerate(rules) if isinstance(r, DensePattern)]
+        if not dense:
+            raise CompressorError("MoA: heads held dense (retrieval_dense) need the dense rule (dense_option: true)")
+        allowed = np.ones((items.shape[0], n_rules), dtype=bool)
+        allowed[list(dense_items)] = False
+        allowed[list(dense_items), dense[0]] = True
     try:
         solution = solve_mckp_detailed(
-            items, weight, np.full(n_lengths, density), groups=groups, max_distinct=max_rules_per_layer,
-            time_limit=time_limit, gap=gap,
+            items, weight, np.full(n_lengths, density), allowed=allowed, groups=groups,
+            max_distinct=max_rules_per_layer, time_limit=time_limit, gap=gap,
         )
     except InfeasibleBudget as err:
         raise CompressorError(f"MoA: density {density} cannot be met with these rules: {err}") from None
@@ -239,18 +265,23 @@ def scored_samples(samples: list[RetrievalSample], text_fraction: float) -> list
     ]
 
 
-def measured_loss(model: torch.nn.Module, heads: list[list[Pattern]] | None, samples: list[RetrievalSample]) -> float:
-    """Answer loss of ``samples`` with the patterns applied (None: the dense model)."""
+def measured_loss(
+    model: torch.nn.Module, heads: list[list[Pattern]] | None, samples: list[RetrievalSample]
+) -> tuple[float, dict[str, float]]:
+    """Held-out loss with the patterns applied (None: the dense model): the mean over tasks of each task's mean
+    answer-token loss, and those per-task losses. Per task, not per token: a plain-text sample scores hundreds of
+    tokens and a passkey answer a handful, so a token mean would not see retrieval fail."""
     from compressor import runtime
     from compressor.evaluate import answer_loss
 
-    if heads is None:
-        return answer_loss(model, samples)
-    runtime.apply(model, plan_from_heads(model, heads))
+    if heads is not None:
+        runtime.apply(model, plan_from_heads(model, heads))
     try:
-        return answer_loss(model, samples)
+        by_task = {t: answer_loss(model, [s for s in samples if s.task == t]) for t in dict.fromkeys(s.task for s in samples)}
     finally:
-        runtime.remove(model)
+        if heads is not None:
+            runtime.remove(model)
+    return float(np.mean(list(by_task.values()))), {t: round(v, 6) for t, v in by_task.items()}
 
 
 def _score_length(config: MoAConfig, model: torch.nn.Module, lengths: list[int]) -> int:
@@ -310,27 +341,40 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
     rules = candidate_rules(config, lengths)
     outcomes: list[SearchOutcome] = []
     skipped: list[dict[str, object]] = []
-    variants = [(p, s, t) for t in range(len(config.task_weights))
+    # Retrieval heads: search items (KV groups when tied) ranked by their copy score, summed over lengths.
+    item_size = group if tie else 1
+    copy = sum(p.copy for p in profiles.values() if p.copy is not None)
+    copy_items = np.zeros(sig.num_hidden_layers * sig.num_attention_heads // item_size)
+    if isinstance(copy, torch.Tensor):
+        copy_items = copy.reshape(copy.shape[0], -1, item_size).sum(-1).flatten().numpy()
+    ranked = [int(i) for i in np.argsort(-copy_items, kind="stable")]
+    held_dense = sorted({round(f * len(ranked)) for f in config.retrieval_dense})
+    if held_dense != [0] and not (copy_items > 0).any():
+        skipped.append({"retrieval_dense": config.retrieval_dense,
+                        "reason": "no calibration sample has an answer to copy (add passkey or lines to the source)"})
+        held_dense = [0]
+    variants = [(p, s, t, k) for k in held_dense for t in range(len(config.task_weights))
                 for s in config.density_scales for p in config.length_powers]
 
     def search_round(losses: dict[int, np.ndarray], round_: int) -> None:
         """One search per variant on these loss tables (one per task weighting); appends to outcomes/skipped."""
         tag = f",refined={round_}" if round_ else ""
-        for power, scale, t in variants:
+        for power, scale, t, k in variants:
             weighting = config.task_weights[t]
             loss = losses[t]
             weights = [round((n / max(lengths)) ** power, 6) for n in lengths]
+            dense_items = sorted(ranked[:k])
             try:
                 heads, solver = search_plan(
-                    loss, rules, lengths, scale * config.density, weights, group if tie else 1,
-                    config.max_rules_per_layer, config.solver_time_limit, config.solver_gap,
+                    loss, rules, lengths, scale * config.density, weights, item_size,
+                    config.max_rules_per_layer, config.solver_time_limit, config.solver_gap, dense_items=dense_items,
                 )
             except CompressorError as err:
-                if scale == max(config.density_scales):  # the recipe's own budget: the user must hear of it
+                if scale == max(config.density_scales) and not k:  # the recipe's own budget: the user must hear of it
                     raise
-                # a tighter trade-off point below what the rules can reach: skip it, keep the others
+                # a tighter trade-off point, or more dense heads, than the rules can reach: skip it, keep the others
                 skipped.append({"power": power, "budget": scale * config.density, "task_weights": dict(weighting),
-                                "round": round_, "reason": str(err)})
+                                "retrieval_dense": k, "round": round_, "reason": str(err)})
                 continue
             estimated = {
                 str(n): float(sum(loss[l, h, rules.index(p), k] for l, row in enumerate(heads) for h, p in enumerate(row)))
@@ -339,10 +383,13 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
             plan = plan_from_heads(model, heads)
             name = f"power={power:g},budget={scale * config.density:.4g}"
             if weighting:
-                name += ",tasks=" + "/".join(f"{k}:{v:g}" for k, v in sorted(weighting.items()))
+                name += ",tasks=" + "/".join(f"{task}:{v:g}" for task, v in sorted(weighting.items()))
+            if k:
+                name += f",retrieval={k}"
             outcomes.append(SearchOutcome(name + tag, weights, heads, estimated,
                                           {str(n): round(plan.density(n), 6) for n in lengths}, solver,
-                                          budget=scale * config.density, task_weights=dict(weighting)))
+                                          budget=scale * config.density, task_weights=dict(weighting),
+                                          dense_items=dense_items))
 
     def task_losses(profiled: Profiles) -> dict[int, np.ndarray]:
         return {t: estimated_loss(weighted(profiled, w), rules, config.influence)
@@ -374,13 +421,16 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
                     fresh = model_aligned_samples(model, fresh, config.answer_tokens)
                 fresh = scored_samples(fresh, config.text_fraction)
                 ctx.cache[held_key] = (fresh, measured_loss(model, None, fresh))
-            held, scoring["dense_loss"] = ctx.cache[held_key]
+            held, (scoring["dense_loss"], scoring["dense_tasks"]) = ctx.cache[held_key]
             scoring["samples"] = len(held)
         for index, o in enumerate(outcomes):
             if o.measured_loss is not None:
                 continue
             first = distinct[repr(o.heads)]  # identical plans are measured once
-            o.measured_loss = outcomes[first].measured_loss if first != index else measured_loss(model, o.heads, held)
+            if first != index:
+                o.measured_loss, o.measured_tasks = outcomes[first].measured_loss, outcomes[first].measured_tasks
+            else:
+                o.measured_loss, o.measured_tasks = measured_loss(model, o.heads, held)
             o.density[str(score_length)] = round(plan_from_heads(model, o.heads).density(score_length), 6)
         seconds["score"] += time.perf_counter() - began
         return min(range(len(outcomes)), key=lambda i: (outcomes[i].measured_loss, i))
@@ -420,6 +470,12 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
         "refine_mix": config.refine_mix,
         "tasks": {task: {str(n): p.samples for n, p in profiles.items()} for task, profiles in by_task.items()},
         "scoring": scoring,
+        "retrieval": {
+            "dense_fractions": config.retrieval_dense, "dense_counts": held_dense, "item_heads": item_size,
+            "ranked": [{"item": i, "layer": i // (len(ranked) // sig.num_hidden_layers),
+                        "index": i % (len(ranked) // sig.num_hidden_layers), "copy": round(float(copy_items[i]), 6)}
+                       for i in ranked[: max(held_dense) + 4]],
+        },
         "plans": [o.record() for o in outcomes],
         "skipped": skipped,
         "chosen": chosen,
