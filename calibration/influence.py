@@ -308,7 +308,9 @@ def accumulate_layer_influence(
             row_cut.scatter_add_(1, index, cut.reshape(q_heads, -1).double())
 
 
-def copy_attention(q: torch.Tensor, k: torch.Tensor, scale: float, ids: torch.Tensor, start: int, sink: int) -> torch.Tensor:
+def copy_attention(
+    q: torch.Tensor, k: torch.Tensor, scale: float, ids: torch.Tensor, start: int, sink: int
+) -> torch.Tensor:
     """[q_heads] copy score of one layer: the mean, over the answer rows ``start - 1 .. N - 2`` (row i predicts token
     i + 1), of the causal attention mass on prompt keys ``sink <= j < start`` holding the token that row predicts.
 
@@ -404,7 +406,9 @@ def profile_sample(
                 absolute[idx], signed[idx], sink_abs[idx], sink_sig[idx], chunk=chunk, row_cut=row_cut[idx],
             )
             if sample.answer_start > 0:
-                copy[idx] = copy_attention(store["q"][0], store["k"][0], store["scale"], ids[0], sample.answer_start, sink)
+                copy[idx] = copy_attention(
+                    store["q"][0], store["k"][0], store["scale"], ids[0], sample.answer_start, sink
+                )
             stores[idx] = {}  # free this layer's tensors as we go
     profile = InfluenceProfile(
         sample.length, sink, 1, absolute.cpu(), signed.cpu(), sink_abs.cpu(), sink_sig.cpu(), float(loss.detach()),

@@ -106,12 +106,14 @@ def main() -> None:
                         help="override the recipe's retrieval_dense (fractions of KV groups held dense by copy score)")
     parser.add_argument("--text-fraction", type=float, default=0.0,
                         help="override the recipe's text_fraction (scored share of each plain-text calibration sample)")
-    parser.add_argument("--length-powers", type=float, nargs="+", default=[], help="override the recipe's length_powers")
+    parser.add_argument("--length-powers", type=float, nargs="+", default=[],
+                        help="override the recipe's length_powers")
     parser.add_argument("--joint-weights", action="store_true",
                         help="one search over all --task-weights (held-out scoring picks), not one per weighting")
     parser.add_argument("--no-baselines", action="store_true",
                         help="evaluate only the MoA plans (dense and the uniform window were measured by another run)")
-    parser.add_argument("--no-dense", action="store_true", help="leave out the dense row (e.g. measured by an earlier run)")
+    parser.add_argument("--no-dense", action="store_true",
+                        help="leave out the dense row (e.g. measured by an earlier run)")
     parser.add_argument("--cal-lengths", type=int, nargs="+", default=[], help="override the recipe's profiled lengths")
     parser.add_argument("--cal-samples", type=int, default=0, help="override the recipe's samples per length")
     parser.add_argument("--score-length", type=int, default=-1, help="override the recipe's held-out scoring length")
@@ -268,8 +270,8 @@ def write_report(args, started_at, searches, results, transformers_version) -> N
         retrieval = res.search.get("retrieval", {})
         if retrieval:
             top = [(r["layer"], r["index"], r["copy"]) for r in retrieval["ranked"][:12]]
-            lines.append(f"  - KV groups held dense per plan: {retrieval['dense_counts']}; highest copy scores (layer, group, "
-                         f"score): {top}")
+            lines.append(f"  - KV groups held dense per plan: {retrieval['dense_counts']}; "
+                         f"highest copy scores (layer, group, score): {top}")
         for s in res.search.get("skipped", []):
             lines.append(f"  - skipped: {json.dumps(s)}")
     lines.append("")

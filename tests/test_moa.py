@@ -231,7 +231,8 @@ def test_retrieval_heads_ranked_by_copy_score_are_held_dense_and_scoring_weighs_
         assert p["density"][str(LENGTHS[-1])] <= 0.6 + 1e-9
     chosen = plans[result.search["chosen"]]
     held = [(i // sig.num_key_value_heads, i % sig.num_key_value_heads) for i in chosen["retrieval_dense_items"]]
-    assert all(isinstance(result.heads[layer][kv * group + j], DensePattern) for layer, kv in held for j in range(group))
+    assert all(isinstance(result.heads[layer][kv * group + j], DensePattern)
+               for layer, kv in held for j in range(group))
     # held-out score: the mean of the per-task losses, not of all tokens (text would swamp the passkey answers)
     for p in plans:
         assert set(p["measured_tasks"]) == {"corpus", "passkey"}

@@ -132,9 +132,13 @@ class MoAConfig:
         if not self.retrieval_dense or any(
             isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f < 1.0 for f in self.retrieval_dense
         ):
-            raise ValueError(f"retrieval_dense must list fractions in [0, 1) (e.g. [0.0, 0.1]), got {self.retrieval_dense}")
+            raise ValueError(
+                f"retrieval_dense must list fractions in [0, 1) (e.g. [0.0, 0.1]), got {self.retrieval_dense}"
+            )
         if any(self.retrieval_dense) and not self.dense_option:
-            raise ValueError("retrieval_dense keeps heads dense, so it needs dense_option: true (or retrieval_dense: [0.0])")
+            raise ValueError(
+                "retrieval_dense keeps heads dense, so it needs dense_option: true (or retrieval_dense: [0.0])"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,7 +281,8 @@ def measured_loss(
     if heads is not None:
         runtime.apply(model, plan_from_heads(model, heads))
     try:
-        by_task = {t: answer_loss(model, [s for s in samples if s.task == t]) for t in dict.fromkeys(s.task for s in samples)}
+        tasks = dict.fromkeys(s.task for s in samples)
+        by_task = {t: answer_loss(model, [s for s in samples if s.task == t]) for t in tasks}
     finally:
         if heads is not None:
             runtime.remove(model)
@@ -343,10 +348,9 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
     skipped: list[dict[str, object]] = []
     # Retrieval heads: search items (KV groups when tied) ranked by their copy score, summed over lengths.
     item_size = group if tie else 1
-    copy = sum(p.copy for p in profiles.values() if p.copy is not None)
-    copy_items = np.zeros(sig.num_hidden_layers * sig.num_attention_heads // item_size)
-    if isinstance(copy, torch.Tensor):
-        copy_items = copy.reshape(copy.shape[0], -1, item_size).sum(-1).flatten().numpy()
+    per_layer = sig.num_attention_heads // item_size
+    copy = sum(p.copy for p in profiles.values())  # [layers, q_heads]
+    copy_items = copy.reshape(sig.num_hidden_layers, per_layer, item_size).sum(-1).flatten().numpy()
     ranked = [int(i) for i in np.argsort(-copy_items, kind="stable")]
     held_dense = sorted({round(f * len(ranked)) for f in config.retrieval_dense})
     if held_dense != [0] and not (copy_items > 0).any():
@@ -472,9 +476,10 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
         "scoring": scoring,
         "retrieval": {
             "dense_fractions": config.retrieval_dense, "dense_counts": held_dense, "item_heads": item_size,
-            "ranked": [{"item": i, "layer": i // (len(ranked) // sig.num_hidden_layers),
-                        "index": i % (len(ranked) // sig.num_hidden_layers), "copy": round(float(copy_items[i]), 6)}
-                       for i in ranked[: max(held_dense) + 4]],
+            "ranked": [
+                {"item": i, "layer": i // per_layer, "index": i % per_layer, "copy": round(float(copy_items[i]), 6)}
+                for i in ranked[: max(held_dense) + 4]
+            ],
         },
         "plans": [o.record() for o in outcomes],
         "skipped": skipped,
