@@ -40,6 +40,7 @@ from compressor.calibration.probe import require_plain_causal
 from compressor.errors import CompressorError
 
 PROFILE_ATTENTION = "compressor_influence"
+RECALL_DISTANCE = 128  # a default for diagnostics: text copies at least this far back count as long-range recall
 
 
 @dataclass
@@ -52,7 +53,9 @@ class InfluenceProfile:
     (MoA's choice), ``signed`` keeps the sign (kept side by side, one pass gives both). row_cut: [layers, q_heads,
     tokens + 1], the row-wise estimate of dropping every non-sink key at distance >= w, indexed by w (the
     ``row`` kind; see the module docstring). copy: [layers, q_heads], the mean copy score of the samples
-    (:func:`copy_attention`; 0 for samples without an answer).
+    (:func:`copy_attention`; 0 for samples without an answer). recall: [layers, q_heads], the mean text-form copy
+    score of the plain-text samples (earlier copies at least ``recall_distance`` tokens back; 0 for the others, and
+    everywhere unless profiled with a ``recall_distance``: MoA does not use it, scripts/eval_moa_ranking.py does).
     """
 
     length: int
@@ -66,6 +69,7 @@ class InfluenceProfile:
     row_cut: torch.Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
     copy: torch.Tensor | None = None
+    recall: torch.Tensor | None = None
 
     def by_distance(self, kind: str = "absolute") -> torch.Tensor:
         """[layers, q_heads, length] histogram of the chosen kind ("absolute" or "signed")."""
@@ -309,26 +313,45 @@ def accumulate_layer_influence(
 
 
 def copy_attention(
-    q: torch.Tensor, k: torch.Tensor, scale: float, ids: torch.Tensor, start: int, sink: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    ids: torch.Tensor,
+    start: int,
+    sink: int,
+    min_distance: int | None = None,
+    chunk: int = 256,
 ) -> torch.Tensor:
-    """[q_heads] copy score of one layer: the mean, over the answer rows ``start - 1 .. N - 2`` (row i predicts token
-    i + 1), of the causal attention mass on prompt keys ``sink <= j < start`` holding the token that row predicts.
+    """[q_heads] copy score of one layer: the mean, over the rows ``start - 1 .. N - 2`` (row i predicts token i + 1),
+    of the causal attention mass on earlier keys holding the token that row predicts.
 
+    Answer form (``min_distance`` None): the keys are the prompt, ``sink <= j < start``. Text form (an int): every key
+    ``sink <= j <= i - min_distance``, i.e. the row's earlier copies of its next token at least that far back, which
+    a window of that length no longer shows (induction-style copying, where plain text's long context pays off).
     q: [q_heads, N, dim]; k: [kv_heads, N, dim] (GQA); ids: [N]. Sink keys are left out (every plan keeps them).
-    Work memory: q_heads x answer rows x N.
+    Work memory: q_heads x ``chunk`` rows x N.
     """
     q_heads, tokens, dim = q.shape
     kv_heads = k.shape[0]
-    rows = torch.arange(max(start - 1, 0), tokens - 1, device=q.device)
-    if rows.numel() == 0 or start <= sink:
-        return torch.zeros(q_heads, dtype=torch.float64, device=q.device)
-    qs = q[:, rows].float().view(kv_heads, q_heads // kv_heads, rows.numel(), dim)
-    scores = torch.matmul(qs, k.float()[:, None].transpose(-1, -2)) * scale  # [kv, g, R, N]
+    first = max(start - 1, 0)
+    total = torch.zeros(q_heads, dtype=torch.float64, device=q.device)
+    if first >= tokens - 1 or (min_distance is None and start <= sink):
+        return total
     keys = torch.arange(tokens, device=q.device)
-    probs = torch.softmax(scores.masked_fill(keys[None, :] > rows[:, None], -math.inf), dim=-1)
     ids = ids.to(q.device)
-    match = (ids[None, :start] == ids[rows + 1][:, None]) & (keys[None, :start] >= sink)  # [R, start]
-    return (probs[..., :start] * match).sum(-1).reshape(q_heads, -1).mean(-1).double()
+    kf = k.float()[:, None].transpose(-1, -2)  # [kv, 1, dim, N]
+    for r0 in range(first, tokens - 1, chunk):
+        rows = torch.arange(r0, min(r0 + chunk, tokens - 1), device=q.device)
+        qs = q[:, rows].float().view(kv_heads, q_heads // kv_heads, rows.numel(), dim)
+        scores = torch.matmul(qs, kf) * scale  # [kv, g, R, N]
+        probs = torch.softmax(scores.masked_fill(keys[None, :] > rows[:, None], -math.inf), dim=-1)
+        match = (ids[None, :] == ids[rows + 1][:, None]) & (keys[None, :] >= sink)  # [R, N]
+        if min_distance is None:
+            match &= keys[None, :] < start
+        else:
+            match &= keys[None, :] <= rows[:, None] - min_distance
+        total += (probs * match).sum(-1).reshape(q_heads, -1).sum(-1).double()
+    return total / (tokens - 1 - first)
 
 
 def profile_sample(
@@ -338,6 +361,7 @@ def profile_sample(
     text_fraction: float = 0.25,
     chunk: int = 128,
     patterns: list[list[object]] | None = None,
+    recall_distance: int | None = None,
 ) -> tuple[InfluenceProfile, float]:
     """Influence histograms of one sequence (one forward + backward, then the chunked pass); returns (profile, loss).
 
@@ -394,6 +418,7 @@ def profile_sample(
     sink_sig = torch.zeros(layers, q_heads, dtype=torch.float64, device=device)
     row_cut = torch.zeros(layers, q_heads, tokens + 1, dtype=torch.float64, device=device)
     copy = torch.zeros(layers, q_heads, dtype=torch.float64, device=device)
+    recall = torch.zeros(layers, q_heads, dtype=torch.float64, device=device)
     with torch.no_grad():
         for idx in sorted(stores):
             store = stores[idx]
@@ -409,10 +434,14 @@ def profile_sample(
                 copy[idx] = copy_attention(
                     store["q"][0], store["k"][0], store["scale"], ids[0], sample.answer_start, sink
                 )
+            elif recall_distance is not None:
+                recall[idx] = copy_attention(
+                    store["q"][0], store["k"][0], store["scale"], ids[0], start, sink, min_distance=recall_distance
+                )
             stores[idx] = {}  # free this layer's tensors as we go
     profile = InfluenceProfile(
         sample.length, sink, 1, absolute.cpu(), signed.cpu(), sink_abs.cpu(), sink_sig.cpu(), float(loss.detach()),
-        row_cut=row_cut.cpu(), copy=copy.cpu(),
+        row_cut=row_cut.cpu(), copy=copy.cpu(), recall=recall.cpu(),
     )
     return profile, float(loss.detach())
 
@@ -445,12 +474,14 @@ def merge_profiles(parts: list[tuple[InfluenceProfile, float]]) -> InfluenceProf
     first = parts[0][0]
     rows = [p.row_cut for p, _ in parts]
     copies = [p.copy for p, _ in parts]
+    recalls = [p.recall for p, _ in parts]
     return InfluenceProfile(
         first.length, first.sink, sum(p.samples for p, _ in parts),
         mix(lambda p: p.absolute), mix(lambda p: p.signed), mix(lambda p: p.sink_absolute), mix(lambda p: p.sink_signed),
         float(sum(p.loss * w * p.samples for p, w in parts) / total),
         row_cut=None if any(r is None for r in rows) else mix(lambda p: p.row_cut),
         copy=None if any(c is None for c in copies) else mix(lambda p: p.copy),
+        recall=None if any(r is None for r in recalls) else mix(lambda p: p.recall),
     )
 
 
@@ -462,6 +493,7 @@ def profile_influence(
     chunk: int = 128,
     progress: bool = False,
     patterns: list[list[object]] | None = None,
+    recall_distance: int | None = None,
 ) -> dict[int, InfluenceProfile]:
     """Per input length, the influence histograms averaged over that length's samples (``patterns``: profile with
     these patterns applied, see :func:`profile_sample`)."""
@@ -474,7 +506,8 @@ def profile_influence(
 
         iterator = tqdm(samples, desc="influence", unit="sample")
     for sample in iterator:
-        one, _ = profile_sample(model, sample, sink, text_fraction, chunk, patterns=patterns)
+        one, _ = profile_sample(model, sample, sink, text_fraction, chunk, patterns=patterns,
+                                recall_distance=recall_distance)
         have = by_length.get(one.length)
         if have is None:
             by_length[one.length] = one
@@ -486,6 +519,7 @@ def profile_influence(
         have.signed += one.signed
         have.row_cut += one.row_cut
         have.copy += one.copy
+        have.recall += one.recall
         have.sink_absolute += one.sink_absolute
         have.sink_signed += one.sink_signed
         have.loss += one.loss
@@ -496,6 +530,7 @@ def profile_influence(
         profile.signed /= n
         profile.row_cut /= n
         profile.copy /= n
+        profile.recall /= n
         profile.sink_absolute /= n
         profile.sink_signed /= n
         profile.loss /= n

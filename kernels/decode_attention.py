@@ -149,11 +149,9 @@ def _decode_chunk(
     """One (chunk of one KV head, row): online softmax of the group's query heads over ``chunk_tokens`` of the stored
     tokens the group can see. A head cut into one chunk writes its output; others write a partial and its lse, and
     with FUSED_MERGE the last of a head's programs to finish merges them (an arrival counter per row and KV head).
-    GDC (programmatic dependent launch): wait for the kernel before (it wrote the new token's K/V and the lengths),
-    then let the merge launch start its programs, which wait in turn for this whole grid."""
-    if GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    GDC (programmatic dependent launch): read what no kernel writes between calls (the launch table, the layout, the
+    sinks) while the kernel before drains, then wait for it (it wrote the new token's K/V, the lengths and the
+    windows) and let the merge launch start its programs, which wait in turn for this whole grid."""
     r = tl.program_id(0)
     b = tl.program_id(1)
     g = tl.load(Table + r)
@@ -162,12 +160,14 @@ def _decode_chunk(
     region = tl.load(RegionStart + g)
     sink_cap = tl.load(SinkCap + g)
     ring_cap = tl.load(RingCap + g)
-    n = tl.load(Length + b).to(tl.int32)
-
     offs_h = tl.arange(0, BLOCK_H)
     h_ok = offs_h < GROUP
     heads = g * GROUP + offs_h
     sink_h = tl.load(Sink + heads, mask=h_ok, other=0).to(tl.int32)
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    n = tl.load(Length + b).to(tl.int32)
     win_h = tl.load(Window + b * stride_wb + heads * stride_wh, mask=h_ok, other=0).to(tl.int32)
     # stored tokens worth reading: the sink part, then the ring from the group's widest window on (never more than
     # the ring holds); stored index u < n_sink is slot u, u >= n_sink is token ring_lo + u - n_sink
@@ -242,14 +242,14 @@ def _decode_merge(
 ):  # fmt: skip
     """The merge as a second launch (``merge="separate"``): one program per (query head, row, BLOCK_D slice of the
     head dim) of a KV head cut into several chunks, so that many chunks merge in parallel. GDC: launched early,
-    it waits here until the chunk launch has finished and its partials are visible."""
-    if GDC:
-        tl.extra.cuda.gdc_wait()
+    it reads the launch table, then waits until the chunk launch has finished and its partials are visible."""
     h = tl.program_id(0)
     b = tl.program_id(1)
     g = h // GROUP
     first = tl.load(Table + 2 * programs + g)
     count = tl.load(Table + 2 * programs + kv_heads + g)
+    if GDC:
+        tl.extra.cuda.gdc_wait()
     if count > 1:
         _merge_partials(
             OPart, LsePart, Out, b, g, first, count, programs, stride_outb, stride_outh, h % GROUP,

@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--refine-mix", type=float, default=-1.0, help="override the recipe's refine_mix")
     parser.add_argument("--retrieval-dense", type=float, nargs="+", default=[],
                         help="override the recipe's retrieval_dense (fractions of KV groups held dense by copy score)")
+    parser.add_argument("--window-floors", type=float, nargs="+", default=[],
+                        help="override the recipe's window_floors (fractions of the shortest calibration length)")
     parser.add_argument("--text-fraction", type=float, default=0.0,
                         help="override the recipe's text_fraction (scored share of each plain-text calibration sample)")
     parser.add_argument("--length-powers", type=float, nargs="+", default=[],
@@ -168,6 +170,8 @@ def main() -> None:
         recipe.attention.refine_mix = args.refine_mix
     if args.retrieval_dense:
         recipe.attention.retrieval_dense = list(args.retrieval_dense)
+    if args.window_floors:
+        recipe.attention.window_floors = list(args.window_floors)
     if args.text_fraction:
         recipe.attention.text_fraction = args.text_fraction
     if args.length_powers:

@@ -236,6 +236,37 @@ def test_copy_score_is_the_answer_rows_attention_on_earlier_copies_of_their_toke
     assert copy_attention(q, k, 0.3, ids, start, sink=0).min() > 0
 
 
+def test_recall_is_plain_text_attention_on_copies_of_the_next_token_far_enough_back():
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(10, 16, (TOKENS,), generator=g)  # six token values: every row has earlier copies
+    text = RetrievalSample(ids, 0, "", "corpus", 0.0, TOKENS)
+    start, distance = scored_start(text, 0.5), 7
+
+    profile, _ = profile_sample(model, text, SINK, text_fraction=0.5, recall_distance=distance, chunk=9)
+    model.set_attn_implementation("test_explicit")
+    model(ids[None])
+    model.set_attn_implementation("sdpa")
+    expected = []
+    for layer in model.model.layers:
+        a = layer.self_attn.brute_probs[0].detach().double()
+        rows = range(start - 1, TOKENS - 1)
+        mass = [sum((a[:, i, j] for j in range(SINK, i - distance + 1) if ids[j] == ids[i + 1]), torch.zeros(4).double())
+                for i in rows]
+        expected.append(torch.stack(mass).mean(0))
+
+    torch.testing.assert_close(profile.recall, torch.stack(expected), rtol=1e-5, atol=1e-9)
+    assert profile.recall.min() > 0 and profile.copy.abs().max() == 0  # text has no answer to copy
+    # farther back is a subset of the keys: never more mass; a retrieval sample has no recall
+    farther = profile_sample(model, text, SINK, text_fraction=0.5, recall_distance=20)[0].recall
+    assert (farther <= profile.recall + 1e-12).all() and (farther < profile.recall).any()
+    assert profile_sample(model, copy_sample(1), SINK)[0].recall.abs().max() == 0
+    # row chunks do not change the score
+    q, k = torch.randn(4, TOKENS, 8), torch.randn(2, TOKENS, 8)
+    torch.testing.assert_close(copy_attention(q, k, 0.3, ids, start, SINK, min_distance=3, chunk=5),
+                               copy_attention(q, k, 0.3, ids, start, SINK, min_distance=3, chunk=64))
+
+
 def test_copy_scores_average_and_merge_like_the_other_tables():
     model = tiny_llama()
     samples = [copy_sample(1), copy_sample(2)]
@@ -247,6 +278,11 @@ def test_copy_scores_average_and_merge_like_the_other_tables():
 
     torch.testing.assert_close(both.copy, (ones[0].copy + ones[1].copy) / 2)
     torch.testing.assert_close(merged.copy, both.copy * 2 / 3)  # the text sample copies nothing
+    assert merged.recall.abs().max() == 0  # recall is only computed when asked for
+    text_only = profile_sample(model, text, SINK, recall_distance=3)[0].recall
+    recalled = profile_influence(model, [text], sink=SINK, recall_distance=3)[TOKENS]
+    assert text_only.min() > 0
+    torch.testing.assert_close(merge_profiles([(recalled, 1.0), (both, 1.0)]).recall, text_only / 3)
 
 
 def test_loss_outside_window_is_the_histogram_tail():

@@ -241,3 +241,48 @@ def test_retrieval_heads_ranked_by_copy_score_are_held_dense_and_scoring_weighs_
         parse_recipe(tiny_recipe(retrieval_dense=[1.0]))
     with pytest.raises(RecipeError, match="dense_option"):
         parse_recipe(tiny_recipe(retrieval_dense=[0.0, 0.1], dense_option=False))
+
+
+def test_window_floors_search_each_variant_again_with_no_window_below_the_floor(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    recipe = parse_recipe(tiny_recipe(density_scales=[1.0], length_powers=[0.0], score_length=0,
+                                      retrieval_dense=[0.0], window_floors=[0.0, 0.25, 0.9]))
+    ctx = CompressionContext(model=model, tokenizer=tokenizer, recipe=recipe, device=torch.device("cpu"))
+
+    result = METHODS[("attention", "moa")].run(ctx, recipe.attention)
+
+    floor = round(0.25 * min(LENGTHS))
+    plans = result.search["plans"]
+    assert result.search["window_floors"] == [0, floor, round(0.9 * min(LENGTHS))]
+    assert [p["window_floor"] for p in plans] == [0, floor]
+    assert plans[1]["name"].endswith(f",floor={floor}")
+    # 0.9 of 192 tokens: every head would read ~all of its row, far above the 60% budget: skipped, not fatal
+    assert [s["window_floor"] for s in result.search["skipped"]] == [round(0.9 * min(LENGTHS))]
+    assert all(p["density"][str(n)] <= 0.6 + 1e-9 for p in plans for n in LENGTHS)
+    # the floored plan, rebuilt by searching again, has no window under the floor at any length
+    unfloored = ctx.cache  # the profile is shared: a second run with the floor alone gives the same plan
+    only = parse_recipe(tiny_recipe(density_scales=[1.0], length_powers=[0.0], score_length=0,
+                                    retrieval_dense=[0.0], window_floors=[0.25]))
+    again = METHODS[("attention", "moa")].run(
+        CompressionContext(model=model, tokenizer=tokenizer, recipe=only, device=torch.device("cpu"), cache=unfloored),
+        only.attention)
+    windows = [p.window_for_length(n) for row in again.heads for p in row if isinstance(p, WindowPattern)
+               for n in LENGTHS]
+    assert windows and min(windows) >= floor
+    assert again.search["plans"][0]["estimated_loss"] == plans[1]["estimated_loss"]
+    with pytest.raises(RecipeError, match="window_floors"):
+        parse_recipe(tiny_recipe(window_floors=[1.0]))
+    with pytest.raises(RecipeError, match="window_floors"):
+        parse_recipe(tiny_recipe(window_floors=[]))
+
+
+def test_no_plan_fitting_the_budget_is_an_error_naming_the_knobs(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    recipe = parse_recipe(tiny_recipe(density_scales=[1.0], length_powers=[0.0], score_length=0,
+                                      retrieval_dense=[0.0], window_floors=[0.9]))
+    ctx = CompressionContext(model=model, tokenizer=tokenizer, recipe=recipe, device=torch.device("cpu"))
+
+    with pytest.raises(CompressorError, match="no plan fits density 0.6.*window_floors"):
+        METHODS[("attention", "moa")].run(ctx, recipe.attention)

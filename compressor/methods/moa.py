@@ -8,7 +8,8 @@ from a candidate grid, or stays dense. Steps:
 3. estimated loss increase per head and rule = influence outside the rule's mask;
 4. a multiple-choice knapsack (``compressor.search``) per objective weighting: least summed loss with the average
    density <= ``density`` at every calibration length; with ``retrieval_dense``, also with the KV groups of highest
-   copy score (retrieval heads, see ``compressor.calibration.influence``) held dense and the rest searched;
+   copy score (retrieval heads, see ``compressor.calibration.influence``) held dense and the rest searched, and
+   with ``window_floors``, also with no window below a floor;
 5. each resulting plan is applied and scored by the real loss on held-out samples at ``score_length`` (longer than
    any profiled length where the model allows; every task's mean answer loss counts equally), and the best is kept;
 6. optionally (``refine_rounds``), steps 2-5 again with the best plan applied while profiling.
@@ -61,6 +62,11 @@ class MoAConfig:
     retrieval head's far keys at almost nothing (a confident answer has almost no gradient, and several heads can
     fetch it), so at low densities the search alone cuts every one of them; the held-out scoring decides how many
     to keep. Needs samples with answers (passkey, lines, ...) and ``dense_option``.
+    window_floors: fractions of the shortest calibration length; every variant is also searched with only the rules
+    whose window is at least that many tokens at every length (dense stays allowed). The estimate prices each head
+    alone, so it finds many heads' far keys nearly free and gives them windows of a few dozen tokens; cut together,
+    they cost far more (on SmolLM2 at 1k, a floor of 0.15 N with 14 groups held dense: +3.1% perplexity against
+    +4.6% without; scripts/results/moa_smollm2_h200.md). The held-out scoring decides.
     """
 
     density: float = 0.5
@@ -87,6 +93,7 @@ class MoAConfig:
     refine_rounds: int = 0
     refine_mix: float = 0.5
     retrieval_dense: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3])
+    window_floors: list[float] = field(default_factory=lambda: [0.0])
 
     def __post_init__(self) -> None:
         if not 0.0 < self.density <= 1.0:
@@ -135,6 +142,10 @@ class MoAConfig:
             raise ValueError(
                 f"retrieval_dense must list fractions in [0, 1) (e.g. [0.0, 0.1]), got {self.retrieval_dense}"
             )
+        if not self.window_floors or any(
+            isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f < 1.0 for f in self.window_floors
+        ):
+            raise ValueError(f"window_floors must list fractions in [0, 1) (e.g. [0.0, 0.15]), got {self.window_floors}")
         if any(self.retrieval_dense) and not self.dense_option:
             raise ValueError(
                 "retrieval_dense keeps heads dense, so it needs dense_option: true (or retrieval_dense: [0.0])"
@@ -194,11 +205,13 @@ class SearchOutcome:
     task_weights: dict[str, float] = field(default_factory=dict)
     dense_items: list[int] = field(default_factory=list)
     measured_tasks: dict[str, float] = field(default_factory=dict)
+    window_floor: int = 0
 
     def record(self) -> dict[str, object]:
         return {
             "name": self.name, "budget": self.budget, "length_weights": self.length_weights,
             "task_weights": self.task_weights, "retrieval_dense_items": self.dense_items,
+            "window_floor": self.window_floor,
             "estimated_loss": self.estimated, "density": self.density, "measured_loss": self.measured_loss,
             "measured_tasks": self.measured_tasks, "solver": self.solver,
         }
@@ -357,28 +370,35 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
         skipped.append({"retrieval_dense": config.retrieval_dense,
                         "reason": "no calibration sample has an answer to copy (add passkey or lines to the source)"})
         held_dense = [0]
-    variants = [(p, s, t, k) for k in held_dense for t in range(len(config.task_weights))
+    # window floors: the rules each variant may use (dense always), by floor in tokens at the shortest length
+    floors = {}
+    for fraction in sorted(set(config.window_floors)):
+        tokens = round(fraction * min(lengths))
+        floors[tokens] = [i for i, r in enumerate(rules)
+                          if not isinstance(r, WindowPattern) or min(r.window_for_length(n) for n in lengths) >= tokens]
+    variants = [(p, s, t, k, f) for f in floors for k in held_dense for t in range(len(config.task_weights))
                 for s in config.density_scales for p in config.length_powers]
 
     def search_round(losses: dict[int, np.ndarray], round_: int) -> None:
         """One search per variant on these loss tables (one per task weighting); appends to outcomes/skipped."""
         tag = f",refined={round_}" if round_ else ""
-        for power, scale, t, k in variants:
+        for power, scale, t, k, floor in variants:
             weighting = config.task_weights[t]
             loss = losses[t]
             weights = [round((n / max(lengths)) ** power, 6) for n in lengths]
             dense_items = sorted(ranked[:k])
+            keep = floors[floor]
             try:
                 heads, solver = search_plan(
-                    loss, rules, lengths, scale * config.density, weights, item_size,
+                    loss[:, :, keep], [rules[i] for i in keep], lengths, scale * config.density, weights, item_size,
                     config.max_rules_per_layer, config.solver_time_limit, config.solver_gap, dense_items=dense_items,
                 )
             except CompressorError as err:
-                if scale == max(config.density_scales) and not k:  # the recipe's own budget: the user must hear of it
+                if scale == max(config.density_scales) and not k and not floor:  # the recipe's own budget: say so
                     raise
-                # a tighter trade-off point, or more dense heads, than the rules can reach: skip it, keep the others
+                # a tighter trade-off point, more dense heads or a higher floor than the rules can reach: skip it
                 skipped.append({"power": power, "budget": scale * config.density, "task_weights": dict(weighting),
-                                "retrieval_dense": k, "round": round_, "reason": str(err)})
+                                "retrieval_dense": k, "window_floor": floor, "round": round_, "reason": str(err)})
                 continue
             estimated = {
                 str(n): float(sum(loss[l, h, rules.index(p), k] for l, row in enumerate(heads) for h, p in enumerate(row)))
@@ -390,10 +410,12 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
                 name += ",tasks=" + "/".join(f"{task}:{v:g}" for task, v in sorted(weighting.items()))
             if k:
                 name += f",retrieval={k}"
+            if floor:
+                name += f",floor={floor}"
             outcomes.append(SearchOutcome(name + tag, weights, heads, estimated,
                                           {str(n): round(plan.density(n), 6) for n in lengths}, solver,
                                           budget=scale * config.density, task_weights=dict(weighting),
-                                          dense_items=dense_items))
+                                          dense_items=dense_items, window_floor=floor))
 
     def task_losses(profiled: Profiles) -> dict[int, np.ndarray]:
         return {t: estimated_loss(weighted(profiled, w), rules, config.influence)
@@ -401,6 +423,9 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
 
     dense_losses = task_losses(by_task)
     search_round(dense_losses, 0)
+    if not outcomes:  # every variant held groups dense or floored its windows, and none fit the budget
+        raise CompressorError(f"MoA: no plan fits density {config.density}: {skipped[-1]['reason']}; lower "
+                              "retrieval_dense or window_floors, or add 0.0 to them")
     seconds = {"search": time.perf_counter() - profiled_at, "score": 0.0, "refine_profile": 0.0}
 
     score_length = _score_length(config, model, lengths)
@@ -472,6 +497,7 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
         "influence": config.influence,
         "refine_rounds": config.refine_rounds,
         "refine_mix": config.refine_mix,
+        "window_floors": sorted(floors),
         "tasks": {task: {str(n): p.samples for n, p in profiles.items()} for task, profiles in by_task.items()},
         "scoring": scoring,
         "retrieval": {

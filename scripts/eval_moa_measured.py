@@ -1,0 +1,186 @@
+"""Does a 50%-dense sink + window plan within 2% of dense perplexity exist for SmolLM2 at 1k? MoA's search with
+measured instead of first-order costs, as a reference for what the first-order search leaves on the table.
+
+1. MoA as shipped (first-order row-wise estimate, the ``--k`` KV groups of highest copy score held dense): plan P0.
+2. At the operating point P0, for every KV group g and window w of a grid (``--windows`` tokens at 1k, scaled with N
+   at other lengths), measure the held-in loss (MoA's per-task mean answer loss on the calibration samples) with g
+   alone set to sink + w and every other group as in P0, and with g dense. cost[g, w, N] = L(g -> w) - L(g dense):
+   a first-order expansion in groups around the sparse operating point (redundant heads are priced with the others
+   already cut), zeroth-order (measured) in the masking itself.
+3. The same knapsack (every rule's window interpolated on the grid, log-linear) gives P1; repeat from P1 for
+   ``--rounds``. Every plan is evaluated on held-out perplexity and passkey.
+
+    python scripts/eval_moa_measured.py --device cuda --cal-lengths 1024 2048 4096 --cal-samples 8 \
+        --lengths 1024 2048 4096 8192 --ppl-samples 8 --passkey-samples 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="moa-cpu")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--density", type=float, default=0.5)
+    parser.add_argument("--cal-lengths", type=int, nargs="+", default=[])
+    parser.add_argument("--cal-samples", type=int, default=0)
+    parser.add_argument("--k", type=int, default=27, help="KV groups of highest copy score held dense in P0")
+    parser.add_argument("--windows", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512],
+                        help="window grid at 1k tokens (scaled by N / 1024 at other lengths); window 1 is always in")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--ppl-samples", type=int, default=4)
+    parser.add_argument("--passkey-samples", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import transformers
+
+    from compressor import runtime
+    from compressor.calibration.data import calibration_samples
+    from compressor.calibration.influence import merge_profiles, model_aligned_samples, profile_influence
+    from compressor.evaluate import perplexity, retrieval_accuracy
+    from compressor.methods.moa import (
+        candidate_rules, estimated_loss, measured_loss, plan_from_heads, scored_samples, search_plan,
+    )
+    from compressor.models import load_model
+    from compressor.plan import DensePattern, WindowPattern
+    from compressor.recipe import load_recipe
+
+    began = time.perf_counter()
+    model, tokenizer, _ = load_model("smollm2-135m", device=args.device, dtype="float32")
+    recipe = load_recipe(args.recipe)
+    cal, config = recipe.calibration, recipe.attention
+    lengths = sorted(args.cal_lengths or cal.lengths)
+    samples = calibration_samples(cal.source, tokenizer, lengths, args.cal_samples or cal.samples, cal.seed, chat=cal.chat)
+    samples = model_aligned_samples(model, samples, config.answer_tokens)
+    by_task = {
+        task: profile_influence(model, [s for s in samples if s.task == task], sink=config.sink,
+                                text_fraction=config.text_fraction, chunk=config.chunk)
+        for task in dict.fromkeys(s.task for s in samples)
+    }
+    profiles = {n: merge_profiles([(p[n], 1.0) for p in by_task.values() if n in p]) for n in lengths}
+    print(f"profiled {len(samples)} samples in {time.perf_counter() - began:.0f} s", flush=True)
+
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    kv = model.config.num_key_value_heads
+    group = heads // kv
+    items = layers * kv
+    rules = candidate_rules(config, lengths)
+    dense_rule = next(i for i, r in enumerate(rules) if isinstance(r, DensePattern))
+    first_order = estimated_loss(profiles, rules, config.influence)
+    copy = sum(p.copy for p in profiles.values()).reshape(layers, kv, group).sum(-1).flatten().numpy()
+    held = sorted(int(i) for i in np.argsort(-copy, kind="stable")[: args.k])
+    plans = {}
+    heads0, _ = search_plan(first_order, rules, lengths, args.density, [1.0] * len(lengths), group, None,
+                            dense_items=held)
+    plans[f"P0 (first order, {args.k} held)"] = heads0
+    scored = {n: scored_samples([s for s in samples if s.length == n], config.text_fraction) for n in lengths}
+
+    def with_group(base: list, item: int, pattern) -> list:
+        layer, g = divmod(item, kv)
+        out = [list(row) for row in base]
+        for h in range(g * group, (g + 1) * group):
+            out[layer][h] = pattern
+        return out
+
+    windows = sorted({1, *args.windows})  # narrower rules must not be priced like the narrowest grid point
+    current = heads0
+    for round_ in range(1, args.rounds + 1):
+        t0 = time.perf_counter()
+        cost = np.zeros((items, len(windows), len(lengths)))
+        for li, n in enumerate(lengths):
+            grid = [max(1, round(w * n / 1024)) for w in windows]
+            for item in range(items):
+                dense_loss = measured_loss(model, with_group(current, item, DensePattern()), scored[n])[0]
+                for wi, w in enumerate(grid):
+                    pattern = WindowPattern(alpha=float(w), beta=0.0, sink=config.sink)
+                    cost[item, wi, li] = measured_loss(model, with_group(current, item, pattern), scored[n])[0] - dense_loss
+            print(f"round {round_}: length {n} measured at {time.perf_counter() - t0:.0f} s", flush=True)
+        measured_s = time.perf_counter() - t0
+        # every rule's cost: log-linear in the window between grid points, 0 at the whole length (dense)
+        table = np.zeros((layers, heads, len(rules), len(lengths)))
+        for li, n in enumerate(lengths):
+            grid = np.log([max(1, round(w * n / 1024)) for w in windows] + [n])
+            for ri, rule in enumerate(rules):
+                if ri == dense_rule:
+                    continue
+                x = np.log(rule.window_for_length(n))
+                for item in range(items):
+                    curve = np.append(np.maximum(cost[item, :, li], 0.0), 0.0)
+                    layer, g = divmod(item, kv)
+                    table[layer, g * group:(g + 1) * group, ri, li] = np.interp(x, grid, curve) / group
+        current, solver = search_plan(table, rules, lengths, args.density, [1.0] * len(lengths), group, None)
+        plans[f"P{round_} (measured at P{round_ - 1})"] = current
+        dense_count = sum(isinstance(current[i // kv][(i % kv) * group], DensePattern) for i in range(items))
+        print(f"round {round_}: measured {items} groups x {len(windows) + 1} x {len(lengths)} lengths in "
+              f"{measured_s:.0f} s; solver {solver}; {dense_count} groups dense", flush=True)
+
+    rows = []
+
+    def measure(name: str, heads_: list | None) -> dict[str, object]:
+        row: dict[str, object] = {"config": name}
+        if heads_ is not None:
+            plan = plan_from_heads(model, heads_)
+            row["density"] = "/".join(f"{plan.density(n):.3f}" for n in args.lengths)
+            runtime.apply(model, plan)
+        try:
+            for n in args.lengths:
+                row[f"ppl@{n}"] = perplexity(model, tokenizer, n, args.ppl_samples, 0)
+            if args.passkey_samples:
+                for n in args.lengths:
+                    row[f"passkey@{n}"] = retrieval_accuracy(model, tokenizer, "passkey", n, args.passkey_samples, 0)
+        finally:
+            if heads_ is not None:
+                runtime.remove(model)
+        print(json.dumps(row), flush=True)
+        return row
+
+    dense = measure("dense", None)
+    rows.append(dense)
+    for name, heads_ in plans.items():
+        rows.append(measure(name, heads_))
+
+    lines = [
+        f"# Measured-cost MoA search at density {args.density}",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; machine: "
+        f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else platform.machine()}",
+        f"- versions: torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
+        f"- command: `python scripts/eval_moa_measured.py {' '.join(sys.argv[1:])}`",
+        f"- total {time.perf_counter() - began:.0f} s",
+        "",
+    ]
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != "config"))
+    lines += ["| config | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r.get(k, "")
+            if isinstance(v, float) and k.startswith("ppl"):
+                cells.append(f"{v:.3f} ({100 * (v / dense[k] - 1):+.1f}%)")
+            else:
+                cells.append(f"{v:.2f}" if isinstance(v, float) else str(v))
+        lines.append(f"| {r['config']} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Which KV groups should a MoA plan hold dense? Rankings compared by held-out perplexity and passkey accuracy.
+
+MoA's search prices every head by a first-order estimate, which misses redundancy: when several heads can each
+fetch the same far token, cutting one alone costs nothing, so the search cuts them all. Holding some groups dense
+before the search is the remedy (``MoAConfig.retrieval_dense``); this script compares what to rank them by, on one
+shared profile:
+
+- ``copy``: the answer rows' attention on prompt copies of the answer token (retrieval tasks);
+- ``recall``: plain text's attention on earlier copies of the next token at least ``RECALL_DISTANCE`` back;
+- ``both``: each of the two divided by its largest group, then the larger of the two per group;
+- ``ablation``: measured: the held-in text loss at the shortest calibration length when that group alone is cut to
+  its sink and a ``--ablation-window`` window (every other head dense); slow, a reference for the cheap scores.
+
+For every ranking and every count of groups held, the rest are searched at ``--density`` as MoA does, and the plan's
+perplexity (and passkey accuracy) is measured on held-out data at each length.
+
+    python scripts/eval_moa_ranking.py --device cuda --cal-lengths 1024 2048 4096 --cal-samples 8 \
+        --ks 0 9 18 27 36 --rankings copy recall both --lengths 1024 2048 4096 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+def group_scores(table: torch.Tensor, kv_heads: int) -> np.ndarray:
+    """[layers, q_heads] -> [layers * kv_heads] sums over each KV group's query heads."""
+    layers, heads = table.shape
+    return table.reshape(layers, kv_heads, heads // kv_heads).sum(-1).flatten().double().numpy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="moa-cpu")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--density", type=float, default=0.5)
+    parser.add_argument("--cal-lengths", type=int, nargs="+", default=[])
+    parser.add_argument("--cal-samples", type=int, default=0)
+    parser.add_argument("--rankings", nargs="+", default=["copy", "recall", "both"])
+    parser.add_argument("--ks", type=int, nargs="+", default=[0, 9, 18, 27, 36])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--ppl-samples", type=int, default=4)
+    parser.add_argument("--passkey-samples", type=int, default=0, help="passkey samples per length (0: skip)")
+    parser.add_argument("--ablation-window", type=int, default=64)
+    parser.add_argument("--min-windows", type=int, nargs="+", default=[0],
+                        help="also search with only the rules whose window is at least this at every length")
+    parser.add_argument("--uniform-densities", type=float, nargs="*", default=[],
+                        help="reference rows: one sink + window for every head at this density at the first length")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import transformers
+
+    from compressor import runtime
+    from compressor.calibration.data import calibration_samples
+    from compressor.calibration.influence import (
+        RECALL_DISTANCE, merge_profiles, model_aligned_samples, profile_influence,
+    )
+    from compressor.evaluate import answer_loss, perplexity, retrieval_accuracy
+    from compressor.methods.moa import candidate_rules, estimated_loss, plan_from_heads, search_plan
+    from compressor.models import load_model
+    from compressor.plan import DensePattern, WindowPattern, causal_window_density
+    from compressor.recipe import load_recipe
+
+    began = time.perf_counter()
+    model, tokenizer, _ = load_model("smollm2-135m", device=args.device, dtype="float32")
+    recipe = load_recipe(args.recipe)
+    cal, config = recipe.calibration, recipe.attention
+    lengths = sorted(args.cal_lengths or cal.lengths)
+    per_length = args.cal_samples or cal.samples
+    samples = calibration_samples(cal.source, tokenizer, lengths, per_length, cal.seed, chat=cal.chat)
+    samples = model_aligned_samples(model, samples, config.answer_tokens)
+    by_task = {
+        task: profile_influence(model, [s for s in samples if s.task == task], sink=config.sink,
+                                text_fraction=config.text_fraction, chunk=config.chunk, recall_distance=RECALL_DISTANCE)
+        for task in dict.fromkeys(s.task for s in samples)
+    }
+    profiles = {n: merge_profiles([(p[n], 1.0) for p in by_task.values() if n in p]) for n in lengths}
+    profiled = time.perf_counter() - began
+    print(f"profiled {len(samples)} samples at {lengths} in {profiled:.0f} s", flush=True)
+
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    kv = model.config.num_key_value_heads
+    group = heads // kv
+    copy = group_scores(sum(p.copy for p in profiles.values()), kv)
+    recall = group_scores(sum(p.recall for p in profiles.values()), kv)
+    scores = {"copy": copy, "recall": recall,
+              "both": np.maximum(copy / max(copy.max(), 1e-12), recall / max(recall.max(), 1e-12))}
+    if "ablation" in args.rankings:
+        t0 = time.perf_counter()
+        text = [s for s in samples if s.task == "corpus" and s.length == lengths[0]]
+        base = answer_loss(model, text)
+        cut = WindowPattern(alpha=float(args.ablation_window), beta=0.0, sink=config.sink)
+        rises = []
+        for item in range(layers * kv):
+            layer, g = divmod(item, kv)
+            patterns = [[DensePattern() for _ in range(heads)] for _ in range(layers)]
+            for h in range(g * group, (g + 1) * group):
+                patterns[layer][h] = cut
+            runtime.apply(model, plan_from_heads(model, patterns))
+            try:
+                rises.append(answer_loss(model, text) - base)
+            finally:
+                runtime.remove(model)
+        scores["ablation"] = np.array(rises)
+        print(f"ablation of {layers * kv} groups: {time.perf_counter() - t0:.0f} s", flush=True)
+    top = {name: [(int(i) // kv, int(i) % kv, round(float(s[i]), 4)) for i in np.argsort(-s, kind="stable")[:12]]
+           for name, s in scores.items()}
+    print(json.dumps(top), flush=True)
+
+    rules = candidate_rules(config, lengths)
+    loss = estimated_loss(profiles, rules, config.influence)
+    rows = []
+
+    def measure(name: str, heads_: list | None) -> dict[str, object]:
+        row: dict[str, object] = {"config": name}
+        if heads_ is not None:
+            runtime.apply(model, plan_from_heads(model, heads_))
+        try:
+            for n in args.lengths:
+                row[f"ppl@{n}"] = perplexity(model, tokenizer, n, args.ppl_samples, 0)
+                if args.passkey_samples:
+                    row[f"passkey@{n}"] = retrieval_accuracy(model, tokenizer, "passkey", n, args.passkey_samples, 0)
+        finally:
+            if heads_ is not None:
+                runtime.remove(model)
+        print(json.dumps(row), flush=True)
+        return row
+
+    dense = measure("dense", None)
+    rows.append(dense)
+    for d in args.uniform_densities:
+        n0 = args.lengths[0]
+        w = next(w for w in range(1, n0 + 1) if causal_window_density(config.sink, w, n0) >= d)
+        uniform = WindowPattern(alpha=float(w), beta=0.0, sink=config.sink)
+        rows.append(measure(f"uniform window {w} (density {d:g} at {n0})", [[uniform] * heads for _ in range(layers)]))
+    seen: dict[tuple, dict] = {}
+    for min_window in args.min_windows:
+        keep = [i for i, r in enumerate(rules)
+                if not isinstance(r, WindowPattern) or min(r.window_for_length(n) for n in lengths) >= min_window]
+        sub_rules, sub_loss = [rules[i] for i in keep], loss[:, :, keep]
+        tag = f", window >= {min_window}" if min_window else ""
+        for ranking in args.rankings:
+            order = [int(i) for i in np.argsort(-scores[ranking], kind="stable")]
+            for k in args.ks:
+                held = tuple(sorted(order[:k]))
+                if (held, min_window) in seen:
+                    rows.append({**seen[held, min_window], "config": f"{ranking} k={k}{tag} (same groups)"})
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    heads_, _ = search_plan(sub_loss, sub_rules, lengths, args.density, [1.0] * len(lengths), group,
+                                            None, dense_items=list(held))
+                except Exception as err:  # the budget cannot hold k dense groups
+                    print(f"{ranking} k={k}{tag}: {err}", flush=True)
+                    continue
+                row = measure(f"{ranking} k={k}{tag}", heads_)
+                row["search_s"] = round(time.perf_counter() - t0, 1)
+                at = lengths[0]
+                windows = sorted(p.window_for_length(at) for row_ in heads_ for p in row_ if isinstance(p, WindowPattern))
+                row[f"windows@{at} q10/50/90"] = "/".join(
+                    str(windows[int(q * (len(windows) - 1))]) for q in (0.1, 0.5, 0.9)) if windows else "-"
+                seen[held, min_window] = row
+                rows.append(row)
+
+    lines = [
+        f"# Which KV groups to hold dense: rankings at density {args.density}",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; machine: "
+        f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else platform.machine()}",
+        f"- versions: torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
+        f"- command: `python scripts/eval_moa_ranking.py {' '.join(sys.argv[1:])}`",
+        f"- profile: {len(samples)} samples at {lengths} ({profiled:.0f} s); rules of `{args.recipe}` ({len(rules)})",
+        f"- top groups (layer, KV head, score) per ranking: `{json.dumps(top)}`",
+        "",
+    ]
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != "config"))
+    lines += ["| config | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r.get(k, "")
+            if isinstance(v, float) and k.startswith("ppl"):
+                cells.append(f"{v:.3f} ({100 * (v / dense[k] - 1):+.1f}%)")
+            else:
+                cells.append(f"{v:.2f}" if isinstance(v, float) else str(v))
+        lines.append(f"| {r['config']} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
