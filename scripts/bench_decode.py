@@ -299,8 +299,8 @@ def sweep_section() -> list[str]:
     programs/SM "-" fix the chunk length instead."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     lines = ["## Launch-setting sweep (graph µs; default: block 64, 4 programs/SM, 4 warps, 2 stages, merge separate)", "",
-             "| context | batch | plan | block_n | programs/SM | stages | merge | programs x chunk | µs | GB/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| context | batch | plan | block_n | programs/SM | stages | warps | merge | programs x chunk | µs | GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     shapes = ((8192, 8, SINK_WIN), (65536, 8, MOA), (8192, 1, SINK_WIN), (32768, 1, MOA), (65536, 1, MOA))
     for n, b, p in shapes:
         case = kernel_case(p, n, b)
@@ -319,20 +319,35 @@ def sweep_section() -> list[str]:
                         except Exception as err:  # e.g. out of shared memory
                             print(f"sweep {n} {b} {p} {block_n} {per_sm} {stages} {merge}: {type(err).__name__}", flush=True)
                             continue
-                        results.append((us, block_n, per_sm, stages, merge or "auto", launch_label(b, launch)))
+                        results.append((us, block_n, per_sm, stages, 4, merge or "auto", launch_label(b, launch)))
         for chunk in (64, 128, 256, 512, 1024):  # the cost model's guess at the merge's cost, checked at a few chunks
             launch = decode_launch(b, case["capacity"], q.device, block_n=64, chunk_tokens=chunk)
             us = graph_us([lambda k=k, v=v: decode_attention_triton(q, k, v, **args, launch=launch) for k, v in bufs], 60)
-            results.append((us, 64, "-", 2, "auto", launch_label(b, launch)))
+            results.append((us, 64, "-", 2, 4, "auto", launch_label(b, launch)))
+        # fewer, longer programs with deeper pipelines: down to one per KV head and row (no merge at all)
+        for chunk in (1024, 1 << 20):
+            for block_n in (64, 128):
+                for stages in (2, 3, 4):
+                    for warps in (4, 8):
+                        launch = decode_launch(b, case["capacity"], q.device, block_n=block_n, chunk_tokens=chunk,
+                                               num_stages=stages, num_warps=warps)  # fmt: skip
+                        try:
+                            us = graph_us([lambda k=k, v=v: decode_attention_triton(q, k, v, **args, launch=launch) for k, v in bufs], 60)
+                        except Exception as err:  # e.g. out of shared memory
+                            print(f"sweep {n} {b} {p} chunk {chunk} {block_n} {stages} {warps}: {type(err).__name__}", flush=True)
+                            continue
+                        results.append((us, block_n, "-", stages, warps, "auto", launch_label(b, launch)))
         results.sort(key=lambda r: r[0])
-        for us, block_n, per_sm, stages, merge, label in results[:8]:
-            row = f"| {n} | {b} | {p} | {block_n} | {per_sm} | {stages} | {merge} | {label} | {us:.1f} | {case['read'] / us / 1e3:.0f} |"
+        for us, block_n, per_sm, stages, warps, merge, label in results[:8]:
+            row = (f"| {n} | {b} | {p} | {block_n} | {per_sm} | {stages} | {warps} | {merge} | {label} | {us:.1f} | "
+                   f"{case['read'] / us / 1e3:.0f} |")
             print(row, flush=True)
             lines.append(row)
-        default = [r for r in results if r[1:5] == (64, 4, 2, "auto")]
+        default = [r for r in results if r[1:6] == (64, 4, 2, 4, "auto")]
         if default:
             rank = results.index(default[0]) + 1
-            lines.append(f"| {n} | {b} | {p} | default: rank {rank} of {len(results)} | | | | {default[0][5]} | {default[0][0]:.1f} | |")
+            lines.append(f"| {n} | {b} | {p} | default: rank {rank} of {len(results)} | | | | | {default[0][6]} | "
+                         f"{default[0][0]:.1f} | |")
         del bufs, case
         torch.cuda.empty_cache()
     return lines + [""]

@@ -18,6 +18,7 @@ import torch
 import compressor
 from compressor import runtime
 from compressor.plan import DensePattern, Plan, WindowPattern
+from provenance import emit
 
 # Meta-Llama-3-8B's config (hidden 4096, 32 layers, 32 heads, 8 KV heads, head_dim 128, ffn 14336, vocab 128256).
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -128,11 +129,7 @@ def main() -> None:
             f"| {n} | {r['sdpa-cudnn']:.1f} | {r['sdpa-flash']:.1f} | {r['window-1024']:.1f} ({r['window-1024 density']:.1%}) | "
             f"{best / r['window-1024']:.2f}x | {r['moa-like-25%']:.1f} ({r['moa-like-25% density']:.1%}) | {best / r['moa-like-25%']:.2f}x |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,12 @@ measured instead of first-order costs, as a reference for what the first-order s
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import sys
 import time
 
 import numpy as np
 import torch
+from eval_moa_ranking import header, measure, profiled
+from provenance import emit, relative_table
 
 
 def main() -> None:
@@ -47,33 +45,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import transformers
-
-    from compressor import runtime
-    from compressor.calibration.data import calibration_samples
-    from compressor.calibration.influence import merge_profiles, model_aligned_samples, profile_influence
-    from compressor.evaluate import perplexity, retrieval_accuracy
-    from compressor.methods.moa import (
-        candidate_rules, estimated_loss, measured_loss, plan_from_heads, scored_samples, search_plan,
-    )
-    from compressor.models import load_model
+    from compressor.methods.moa import candidate_rules, estimated_loss, measured_loss, scored_samples, search_plan
     from compressor.plan import DensePattern, WindowPattern
-    from compressor.recipe import load_recipe
 
     began = time.perf_counter()
-    model, tokenizer, _ = load_model("smollm2-135m", device=args.device, dtype="float32")
-    recipe = load_recipe(args.recipe)
-    cal, config = recipe.calibration, recipe.attention
-    lengths = sorted(args.cal_lengths or cal.lengths)
-    samples = calibration_samples(cal.source, tokenizer, lengths, args.cal_samples or cal.samples, cal.seed, chat=cal.chat)
-    samples = model_aligned_samples(model, samples, config.answer_tokens)
-    by_task = {
-        task: profile_influence(model, [s for s in samples if s.task == task], sink=config.sink,
-                                text_fraction=config.text_fraction, chunk=config.chunk)
-        for task in dict.fromkeys(s.task for s in samples)
-    }
-    profiles = {n: merge_profiles([(p[n], 1.0) for p in by_task.values() if n in p]) for n in lengths}
-    print(f"profiled {len(samples)} samples in {time.perf_counter() - began:.0f} s", flush=True)
+    run = profiled(args)
+    model, tokenizer, config, lengths, samples, profiles = (
+        run.model, run.tokenizer, run.config, run.lengths, run.samples, run.profiles)
 
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     kv = model.config.num_key_value_heads
@@ -130,56 +108,15 @@ def main() -> None:
               f"{measured_s:.0f} s; solver {solver}; {dense_count} groups dense", flush=True)
 
     rows = []
-
-    def measure(name: str, heads_: list | None) -> dict[str, object]:
-        row: dict[str, object] = {"config": name}
-        if heads_ is not None:
-            plan = plan_from_heads(model, heads_)
-            row["density"] = "/".join(f"{plan.density(n):.3f}" for n in args.lengths)
-            runtime.apply(model, plan)
-        try:
-            for n in args.lengths:
-                row[f"ppl@{n}"] = perplexity(model, tokenizer, n, args.ppl_samples, 0)
-            if args.passkey_samples:
-                for n in args.lengths:
-                    row[f"passkey@{n}"] = retrieval_accuracy(model, tokenizer, "passkey", n, args.passkey_samples, 0)
-        finally:
-            if heads_ is not None:
-                runtime.remove(model)
-        print(json.dumps(row), flush=True)
-        return row
-
-    dense = measure("dense", None)
+    dense = measure(model, tokenizer, args, "dense", None)
     rows.append(dense)
     for name, heads_ in plans.items():
-        rows.append(measure(name, heads_))
+        rows.append(measure(model, tokenizer, args, name, heads_))
 
-    lines = [
-        f"# Measured-cost MoA search at density {args.density}",
-        "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; machine: "
-        f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else platform.machine()}",
-        f"- versions: torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
-        f"- command: `python scripts/eval_moa_measured.py {' '.join(sys.argv[1:])}`",
-        f"- total {time.perf_counter() - began:.0f} s",
-        "",
-    ]
-    keys = list(dict.fromkeys(k for r in rows for k in r if k != "config"))
-    lines += ["| config | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for r in rows:
-        cells = []
-        for k in keys:
-            v = r.get(k, "")
-            if isinstance(v, float) and k.startswith("ppl"):
-                cells.append(f"{v:.3f} ({100 * (v / dense[k] - 1):+.1f}%)")
-            else:
-                cells.append(f"{v:.2f}" if isinstance(v, float) else str(v))
-        lines.append(f"| {r['config']} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    lines = header(f"Measured-cost MoA search at density {args.density}", "eval_moa_measured.py", args)
+    lines += [f"- total {time.perf_counter() - began:.0f} s", ""]
+    lines += relative_table(rows, dense)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

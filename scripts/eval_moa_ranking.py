@@ -29,12 +29,80 @@ import time
 
 import numpy as np
 import torch
+from provenance import emit, relative_table
 
 
 def group_scores(table: torch.Tensor, kv_heads: int) -> np.ndarray:
     """[layers, q_heads] -> [layers * kv_heads] sums over each KV group's query heads."""
     layers, heads = table.shape
     return table.reshape(layers, kv_heads, heads // kv_heads).sum(-1).flatten().double().numpy()
+
+
+def profiled(args, recall_distance: int | None = None):
+    """Load SmolLM2, build ``args.recipe``'s calibration samples (``--cal-lengths`` / ``--cal-samples`` override),
+    regenerate their answers with the dense model and profile them per task. Returns a namespace with model,
+    tokenizer, config (the recipe's attention section), lengths, samples, profiles (tasks merged) and seconds."""
+    from types import SimpleNamespace
+
+    from compressor.calibration.data import calibration_samples
+    from compressor.calibration.influence import merge_profiles, model_aligned_samples, profile_influence
+    from compressor.models import load_model
+    from compressor.recipe import load_recipe
+
+    began = time.perf_counter()
+    model, tokenizer, _ = load_model("smollm2-135m", device=args.device, dtype="float32")
+    recipe = load_recipe(args.recipe)
+    cal, config = recipe.calibration, recipe.attention
+    lengths = sorted(args.cal_lengths or cal.lengths)
+    samples = calibration_samples(cal.source, tokenizer, lengths, args.cal_samples or cal.samples, cal.seed, chat=cal.chat)
+    samples = model_aligned_samples(model, samples, config.answer_tokens)
+    by_task = {
+        task: profile_influence(model, [s for s in samples if s.task == task], sink=config.sink,
+                                text_fraction=config.text_fraction, chunk=config.chunk, recall_distance=recall_distance)
+        for task in dict.fromkeys(s.task for s in samples)
+    }
+    profiles = {n: merge_profiles([(p[n], 1.0) for p in by_task.values() if n in p]) for n in lengths}
+    seconds = time.perf_counter() - began
+    print(f"profiled {len(samples)} samples at {lengths} in {seconds:.0f} s", flush=True)
+    return SimpleNamespace(model=model, tokenizer=tokenizer, config=config, lengths=lengths, samples=samples,
+                           profiles=profiles, seconds=seconds)
+
+
+def measure(model, tokenizer, args, name: str, heads: list | None) -> dict[str, object]:
+    """One table row: the plan's density and held-out perplexity (and passkey accuracy) at ``args.lengths``."""
+    from compressor import runtime
+    from compressor.evaluate import perplexity, retrieval_accuracy
+    from compressor.methods.moa import plan_from_heads
+
+    row: dict[str, object] = {"config": name}
+    if heads is not None:
+        plan = plan_from_heads(model, heads)
+        row["density"] = "/".join(f"{plan.density(n):.3f}" for n in args.lengths)
+        runtime.apply(model, plan)
+    try:
+        for n in args.lengths:
+            row[f"ppl@{n}"] = perplexity(model, tokenizer, n, args.ppl_samples, 0)
+        for n in args.lengths if args.passkey_samples else []:
+            row[f"passkey@{n}"] = retrieval_accuracy(model, tokenizer, "passkey", n, args.passkey_samples, 0)
+    finally:
+        if heads is not None:
+            runtime.remove(model)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def header(title: str, script: str, args) -> list[str]:
+    """A results file's title and where it was measured: date, machine, versions, command."""
+    import transformers
+
+    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine()
+    return [
+        f"# {title}",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; machine: {machine}",
+        f"- versions: torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
+        f"- command: `python scripts/{script} {' '.join(sys.argv[1:])}`",
+    ]
 
 
 def main() -> None:
@@ -60,36 +128,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import transformers
-
     from compressor import runtime
-    from compressor.calibration.data import calibration_samples
-    from compressor.calibration.influence import (
-        RECALL_DISTANCE, merge_profiles, model_aligned_samples, profile_influence,
-    )
-    from compressor.evaluate import answer_loss, perplexity, retrieval_accuracy
+    from compressor.calibration.influence import RECALL_DISTANCE
+    from compressor.evaluate import answer_loss
     from compressor.methods.moa import candidate_rules, estimated_loss, plan_from_heads, search_plan
-    from compressor.models import load_model
     from compressor.plan import DensePattern, WindowPattern, causal_window_density
-    from compressor.recipe import load_recipe
 
-    began = time.perf_counter()
-    model, tokenizer, _ = load_model("smollm2-135m", device=args.device, dtype="float32")
-    recipe = load_recipe(args.recipe)
-    cal, config = recipe.calibration, recipe.attention
-    lengths = sorted(args.cal_lengths or cal.lengths)
-    per_length = args.cal_samples or cal.samples
-    samples = calibration_samples(cal.source, tokenizer, lengths, per_length, cal.seed, chat=cal.chat)
-    samples = model_aligned_samples(model, samples, config.answer_tokens)
-    by_task = {
-        task: profile_influence(model, [s for s in samples if s.task == task], sink=config.sink,
-                                text_fraction=config.text_fraction, chunk=config.chunk, recall_distance=RECALL_DISTANCE)
-        for task in dict.fromkeys(s.task for s in samples)
-    }
-    profiles = {n: merge_profiles([(p[n], 1.0) for p in by_task.values() if n in p]) for n in lengths}
-    profiled = time.perf_counter() - began
-    print(f"profiled {len(samples)} samples at {lengths} in {profiled:.0f} s", flush=True)
-
+    run = profiled(args, recall_distance=RECALL_DISTANCE)
+    model, tokenizer, config, lengths, samples, profiles = (
+        run.model, run.tokenizer, run.config, run.lengths, run.samples, run.profiles)
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     kv = model.config.num_key_value_heads
     group = heads // kv
@@ -123,28 +170,13 @@ def main() -> None:
     loss = estimated_loss(profiles, rules, config.influence)
     rows = []
 
-    def measure(name: str, heads_: list | None) -> dict[str, object]:
-        row: dict[str, object] = {"config": name}
-        if heads_ is not None:
-            runtime.apply(model, plan_from_heads(model, heads_))
-        try:
-            for n in args.lengths:
-                row[f"ppl@{n}"] = perplexity(model, tokenizer, n, args.ppl_samples, 0)
-                if args.passkey_samples:
-                    row[f"passkey@{n}"] = retrieval_accuracy(model, tokenizer, "passkey", n, args.passkey_samples, 0)
-        finally:
-            if heads_ is not None:
-                runtime.remove(model)
-        print(json.dumps(row), flush=True)
-        return row
-
-    dense = measure("dense", None)
+    dense = measure(model, tokenizer, args, "dense", None)
     rows.append(dense)
     for d in args.uniform_densities:
         n0 = args.lengths[0]
         w = next(w for w in range(1, n0 + 1) if causal_window_density(config.sink, w, n0) >= d)
         uniform = WindowPattern(alpha=float(w), beta=0.0, sink=config.sink)
-        rows.append(measure(f"uniform window {w} (density {d:g} at {n0})", [[uniform] * heads for _ in range(layers)]))
+        rows.append(measure(model, tokenizer, args, f"uniform window {w} (density {d:g} at {n0})", [[uniform] * heads for _ in range(layers)]))
     seen: dict[tuple, dict] = {}
     for min_window in args.min_windows:
         keep = [i for i, r in enumerate(rules)
@@ -165,7 +197,7 @@ def main() -> None:
                 except Exception as err:  # the budget cannot hold k dense groups
                     print(f"{ranking} k={k}{tag}: {err}", flush=True)
                     continue
-                row = measure(f"{ranking} k={k}{tag}", heads_)
+                row = measure(model, tokenizer, args, f"{ranking} k={k}{tag}", heads_)
                 row["search_s"] = round(time.perf_counter() - t0, 1)
                 at = lengths[0]
                 windows = sorted(p.window_for_length(at) for row_ in heads_ for p in row_ if isinstance(p, WindowPattern))
@@ -174,33 +206,14 @@ def main() -> None:
                 seen[held, min_window] = row
                 rows.append(row)
 
-    lines = [
-        f"# Which KV groups to hold dense: rankings at density {args.density}",
-        "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; machine: "
-        f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else platform.machine()}",
-        f"- versions: torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
-        f"- command: `python scripts/eval_moa_ranking.py {' '.join(sys.argv[1:])}`",
-        f"- profile: {len(samples)} samples at {lengths} ({profiled:.0f} s); rules of `{args.recipe}` ({len(rules)})",
+    lines = header(f"Which KV groups to hold dense: rankings at density {args.density}", "eval_moa_ranking.py", args)
+    lines += [
+        f"- profile: {len(samples)} samples at {lengths} ({run.seconds:.0f} s); rules of `{args.recipe}` ({len(rules)})",
         f"- top groups (layer, KV head, score) per ranking: `{json.dumps(top)}`",
         "",
     ]
-    keys = list(dict.fromkeys(k for r in rows for k in r if k != "config"))
-    lines += ["| config | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for r in rows:
-        cells = []
-        for k in keys:
-            v = r.get(k, "")
-            if isinstance(v, float) and k.startswith("ppl"):
-                cells.append(f"{v:.3f} ({100 * (v / dense[k] - 1):+.1f}%)")
-            else:
-                cells.append(f"{v:.2f}" if isinstance(v, float) else str(v))
-        lines.append(f"| {r['config']} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    lines += relative_table(rows, dense)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":
