@@ -16,34 +16,20 @@ measured instead of first-order costs, as a reference for what the first-order s
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
-import torch
-from eval_moa_ranking import header, measure, profiled
+from eval_moa_ranking import header, measure, parse, probe_parser, profiled
 from provenance import emit, relative_table
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="moa-cpu")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--density", type=float, default=0.5)
-    parser.add_argument("--cal-lengths", type=int, nargs="+", default=[])
-    parser.add_argument("--cal-samples", type=int, default=0)
+    parser = probe_parser(__doc__)
     parser.add_argument("--k", type=int, default=27, help="KV groups of highest copy score held dense in P0")
     parser.add_argument("--windows", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512],
                         help="window grid at 1k tokens (scaled by N / 1024 at other lengths); window 1 is always in")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
-    parser.add_argument("--ppl-samples", type=int, default=4)
-    parser.add_argument("--passkey-samples", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--out", default="")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(parser)
 
     from compressor.methods.moa import candidate_rules, estimated_loss, measured_loss, scored_samples, search_plan
     from compressor.plan import DensePattern, WindowPattern

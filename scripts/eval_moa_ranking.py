@@ -105,28 +105,39 @@ def header(title: str, script: str, args) -> list[str]:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def probe_parser(doc: str) -> argparse.ArgumentParser:
+    """The options both MoA probes take: recipe, device, budget, calibration, evaluation, output."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="moa-cpu")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--cal-lengths", type=int, nargs="+", default=[])
     parser.add_argument("--cal-samples", type=int, default=0)
-    parser.add_argument("--rankings", nargs="+", default=["copy", "recall", "both"])
-    parser.add_argument("--ks", type=int, nargs="+", default=[0, 9, 18, 27, 36])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--ppl-samples", type=int, default=4)
     parser.add_argument("--passkey-samples", type=int, default=0, help="passkey samples per length (0: skip)")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--out", default="")
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    parser = probe_parser(__doc__)
+    parser.add_argument("--rankings", nargs="+", default=["copy", "recall", "both"])
+    parser.add_argument("--ks", type=int, nargs="+", default=[0, 9, 18, 27, 36])
     parser.add_argument("--ablation-window", type=int, default=64)
     parser.add_argument("--min-windows", type=int, nargs="+", default=[0],
                         help="also search with only the rules whose window is at least this at every length")
     parser.add_argument("--uniform-densities", type=float, nargs="*", default=[],
                         help="reference rows: one sink + window for every head at this density at the first length")
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--out", default="")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(parser)
 
     from compressor import runtime
     from compressor.calibration.influence import RECALL_DISTANCE
