@@ -306,7 +306,9 @@ def decode_attention_triton(
     be int32 or int64. No host synchronisation and no value-dependent allocation: a CUDA graph can capture it once
     the same shape ran eagerly. ``block_n``, ``num_splits`` and ``merge`` go to :func:`decode_launch`; ``launch``
     overrides the cached launch plan (benchmarks). ``pdl``: programmatic dependent launch for both launches (None:
-    where the GPU has it, sm_90+), so that each starts while the kernel before it drains.
+    where the GPU has it, sm_90+), so that each starts while the kernel before it drains. With it, the launch table,
+    the layout and ``sink`` are read before waiting for the kernel before: they must not be written by it (the cache
+    builds them once per plan); the lengths, windows, query and K/V are read after the wait.
     """
     kern = _triton_kernels()
     batch, q_heads, head_dim = q.shape

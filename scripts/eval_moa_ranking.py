@@ -8,8 +8,6 @@ shared profile:
 - ``copy``: the answer rows' attention on prompt copies of the answer token (retrieval tasks);
 - ``recall``: plain text's attention on earlier copies of the next token at least ``RECALL_DISTANCE`` back;
 - ``both``: each of the two divided by its largest group, then the larger of the two per group;
-- ``ablation``: measured: the held-in text loss at the shortest calibration length when that group alone is cut to
-  its sink and a ``--ablation-window`` window (every other head dense); slow, a reference for the cheap scores.
 
 For every ranking and every count of groups held, the rest are searched at ``--density`` as MoA does, and the plan's
 perplexity (and passkey accuracy) is measured on held-out data at each length.
@@ -132,18 +130,15 @@ def main() -> None:
     parser = probe_parser(__doc__)
     parser.add_argument("--rankings", nargs="+", default=["copy", "recall", "both"])
     parser.add_argument("--ks", type=int, nargs="+", default=[0, 9, 18, 27, 36])
-    parser.add_argument("--ablation-window", type=int, default=64)
     parser.add_argument("--min-windows", type=int, nargs="+", default=[0],
                         help="also search with only the rules whose window is at least this at every length")
     parser.add_argument("--uniform-densities", type=float, nargs="*", default=[],
                         help="reference rows: one sink + window for every head at this density at the first length")
     args = parse(parser)
 
-    from compressor import runtime
     from compressor.calibration.influence import RECALL_DISTANCE
-    from compressor.evaluate import answer_loss
-    from compressor.methods.moa import candidate_rules, estimated_loss, plan_from_heads, search_plan
-    from compressor.plan import DensePattern, WindowPattern, causal_window_density
+    from compressor.methods.moa import candidate_rules, estimated_loss, rules_at_least, search_plan
+    from compressor.plan import WindowPattern, causal_window_density
 
     run = profiled(args, recall_distance=RECALL_DISTANCE)
     model, tokenizer, config, lengths, samples, profiles = (
@@ -155,24 +150,6 @@ def main() -> None:
     recall = group_scores(sum(p.recall for p in profiles.values()), kv)
     scores = {"copy": copy, "recall": recall,
               "both": np.maximum(copy / max(copy.max(), 1e-12), recall / max(recall.max(), 1e-12))}
-    if "ablation" in args.rankings:
-        t0 = time.perf_counter()
-        text = [s for s in samples if s.task == "corpus" and s.length == lengths[0]]
-        base = answer_loss(model, text)
-        cut = WindowPattern(alpha=float(args.ablation_window), beta=0.0, sink=config.sink)
-        rises = []
-        for item in range(layers * kv):
-            layer, g = divmod(item, kv)
-            patterns = [[DensePattern() for _ in range(heads)] for _ in range(layers)]
-            for h in range(g * group, (g + 1) * group):
-                patterns[layer][h] = cut
-            runtime.apply(model, plan_from_heads(model, patterns))
-            try:
-                rises.append(answer_loss(model, text) - base)
-            finally:
-                runtime.remove(model)
-        scores["ablation"] = np.array(rises)
-        print(f"ablation of {layers * kv} groups: {time.perf_counter() - t0:.0f} s", flush=True)
     top = {name: [(int(i) // kv, int(i) % kv, round(float(s[i]), 4)) for i in np.argsort(-s, kind="stable")[:12]]
            for name, s in scores.items()}
     print(json.dumps(top), flush=True)
@@ -190,8 +167,7 @@ def main() -> None:
         rows.append(measure(model, tokenizer, args, f"uniform window {w} (density {d:g} at {n0})", [[uniform] * heads for _ in range(layers)]))
     seen: dict[tuple, dict] = {}
     for min_window in args.min_windows:
-        keep = [i for i, r in enumerate(rules)
-                if not isinstance(r, WindowPattern) or min(r.window_for_length(n) for n in lengths) >= min_window]
+        keep = rules_at_least(rules, lengths, min_window)
         sub_rules, sub_loss = [rules[i] for i in keep], loss[:, :, keep]
         tag = f", window >= {min_window}" if min_window else ""
         for ranking in args.rankings:

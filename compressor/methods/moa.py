@@ -174,6 +174,12 @@ def candidate_rules(config: MoAConfig, lengths: list[int]) -> list[Pattern]:
     return rules
 
 
+def rules_at_least(rules: list[Pattern], lengths: list[int], tokens: int) -> list[int]:
+    """Indices of the rules whose window is at least ``tokens`` at every length (non-window rules always)."""
+    return [i for i, r in enumerate(rules)
+            if not isinstance(r, WindowPattern) or min(r.window_for_length(n) for n in lengths) >= tokens]
+
+
 def estimated_loss(profiles: dict[int, InfluenceProfile], rules: list[Pattern], kind: str) -> np.ndarray:
     """[layers, q_heads, rules, lengths]: influence outside each rule's mask at each profiled length."""
     out = []
@@ -371,11 +377,8 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
                         "reason": "no calibration sample has an answer to copy (add passkey or lines to the source)"})
         held_dense = [0]
     # window floors: the rules each variant may use (dense always), by floor in tokens at the shortest length
-    floors = {}
-    for fraction in sorted(set(config.window_floors)):
-        tokens = round(fraction * min(lengths))
-        floors[tokens] = [i for i, r in enumerate(rules)
-                          if not isinstance(r, WindowPattern) or min(r.window_for_length(n) for n in lengths) >= tokens]
+    floors = {tokens: rules_at_least(rules, lengths, tokens)
+              for tokens in sorted({round(f * min(lengths)) for f in config.window_floors})}
     variants = [(p, s, t, k, f) for f in floors for k in held_dense for t in range(len(config.task_weights))
                 for s in config.density_scales for p in config.length_powers]
 
@@ -401,8 +404,8 @@ def moa_plan(ctx: CompressionContext, config: MoAConfig) -> MethodResult:
                                 "retrieval_dense": k, "window_floor": floor, "round": round_, "reason": str(err)})
                 continue
             estimated = {
-                str(n): float(sum(loss[l, h, rules.index(p), k] for l, row in enumerate(heads) for h, p in enumerate(row)))
-                for k, n in enumerate(lengths)
+                str(n): float(sum(loss[l, h, rules.index(p), li] for l, row in enumerate(heads) for h, p in enumerate(row)))
+                for li, n in enumerate(lengths)
             }
             plan = plan_from_heads(model, heads)
             name = f"power={power:g},budget={scale * config.density:.4g}"
